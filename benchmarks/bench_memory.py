@@ -12,7 +12,8 @@ transformer trunk and the optimizer, and what runs users out of memory at large 
 
 Every configuration runs in a fresh subprocess, so one measurement cannot inherit another's
 memory high-water mark. Peak memory is ``ru_maxrss`` of the child after one step minus its RSS
-just before, with the high-water mark reset after a warm-up step (CPU), or ``torch.cuda.max_memory_allocated`` minus the memory allocated before
+just before, with freed heap returned (``malloc_trim``) and the high-water mark reset after a
+warm-up step (CPU), or ``torch.cuda.max_memory_allocated`` minus the memory allocated before
 the step (CUDA). Time is the median over all timed steps of all rounds; rounds of the different
 paths are interleaved so that load from other processes hits them alike.
 
@@ -24,6 +25,7 @@ paths are interleaved so that load from other processes hits them alike.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -54,7 +56,13 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reset_hwm() -> None:
+def _release_and_reset_hwm() -> None:
+    """Hand freed heap memory back to the OS, then reset the RSS high-water mark to the current RSS.
+
+    Without ``malloc_trim`` the warm-up step's freed blocks stay in glibc's heap, and the measured
+    step would reuse them without raising the RSS (an underestimate that favours small chunks).
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -112,16 +120,16 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    # Warm-up step first: it pages in kernels' code and fills allocator pools, which would otherwise
-    # count as the step's memory. Then the RSS high-water mark is reset to the current RSS
-    # (/proc/self/clear_refs, Linux), so ru_maxrss after the next step is that step's own peak.
+    # Warm-up step first: it pages in the kernels' code, which would otherwise count as the step's
+    # memory. Then freed heap is returned and the RSS high-water mark reset to the current RSS
+    # (Linux), so ru_maxrss after the next step is that step's own peak.
     step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        _reset_hwm()
+        _release_and_reset_hwm()
         before = _rss_bytes()
     step()
     sync()
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- Step = both output layers + objective + backward into the student's hidden states and "
         f"output weight; fp32 on CPU, bf16 autocast on CUDA. {args.rounds} fresh subprocess(es) per row, "
         f"{args.repeats} timed steps each after a warm-up; peak = median over subprocesses of one "
-        f"step's {'RSS high-water mark (reset after the warm-up) above the RSS before it' if args.device == 'cpu' else 'max_memory_allocated above the memory allocated before it'}; "
+        f"step's {'RSS high-water mark above the RSS before it (after a warm-up step, malloc_trim and a high-water-mark reset)' if args.device == 'cpu' else 'max_memory_allocated above the memory allocated before it'}; "
         "time = median over all timed steps (CPU s = process CPU time per step, all threads: less "
         "sensitive to other processes on a shared machine than wall time).",
     ]
