@@ -77,23 +77,46 @@ def hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tens
 
 
 def output_head(model: Any) -> Callable[[Tensor], Tensor]:
-    """``[n, H] -> [n, V]``: the output layer plus any logit post-processing the config declares."""
+    """``[n, H] -> [n, V]``: the output layer plus any logit post-processing the config declares.
+
+    A plain ``nn.Linear`` is returned as is; with logit scaling or soft-capping it is wrapped in a
+    ``LogitHead``, which still tells the chunked engine its weight (``linear_parts``).
+    """
     head: nn.Module = model.get_output_embeddings()
     config = model.config
     scale = getattr(config, "logit_scale", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     if not scale and not softcap:
         return head
+    return LogitHead(head, scale=scale, softcap=softcap)
 
-    def apply(h: Tensor) -> Tensor:
-        logits = head(h)
-        if scale:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+
+class LogitHead(nn.Module):
+    """An output ``nn.Linear`` followed by element-wise logit scaling and/or soft-capping."""
+
+    def __init__(self, linear: nn.Module, scale: float | None = None, softcap: float | None = None):
+        super().__init__()
+        self.linear = linear
+        self.scale = scale
+        self.softcap = softcap
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        if self.scale:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    return apply
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.postprocess(self.linear(hidden))
+
+    def linear_parts(self) -> Any:
+        """The weight/bias the fused engine path contracts with (``kdtool.engine.LinearParts``)."""
+        from kdtool.engine import LinearParts
+
+        if type(self.linear) is not nn.Linear:  # LoRA & co.: the engine checkpoints instead
+            return None
+        return LinearParts(self.linear.weight, self.linear.bias, self.postprocess)
 
 
 def shared_vocab_size(
