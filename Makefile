@@ -21,8 +21,8 @@ test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
 lint:
-	$(PY) -m ruff check src objectives tests benchmarks
-	$(PY) -m ruff format --check src objectives tests benchmarks
+	$(PY) -m ruff check src objectives tests benchmarks examples
+	$(PY) -m ruff format --check src objectives tests benchmarks examples
 
 bench:
 	$(PY) benchmarks/bench_memory.py

@@ -44,7 +44,7 @@ def test_compare_two_objectives_two_seeds(tiny_dir, tmp_path):
         "--batch-size",
         "4",
     ]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*args, "--jobs", "2"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
@@ -76,7 +76,7 @@ def test_compare_two_objectives_two_seeds(tiny_dir, tmp_path):
     assert "| fkl |" in report and "| ref | teacher |" in report
     for png in ("rougel.png", "curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    # Resumable: a second invocation finds every run finished and trains nothing.
+    # Resumable: a second invocation (--jobs is not part of the settings) finds every run finished.
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     log = (out / "logs" / "fkl-seed1.log").read_text()
@@ -103,3 +103,49 @@ def test_failed_run_is_reported_not_raised(tiny_dir, tmp_path):
     rows = aggregate([result])
     assert rows[0]["failed"] == 1 and rows[0]["rougeL"] is None
     assert "## Failed runs" in report_markdown(spec, rows, [], [result], 1.0)
+
+
+def test_jobs_run_concurrently_and_keep_the_order(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from rich.console import Console
+
+    import kdtool.compare as compare
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_run(spec, objective, seed, root):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 if objective == "a" else 0.01)  # later jobs finish first
+        with lock:
+            running[0] -= 1
+        return {"objective": objective, "seed": seed, "status": "ok", "rougeL": float(seed)}
+
+    monkeypatch.setattr(compare, "train_and_eval", fake_run)
+    monkeypatch.setattr(
+        compare, "reference", lambda spec, name, model, root: {"objective": name, "status": "ok"}
+    )
+    monkeypatch.setattr(compare, "plot", lambda *a, **k: None)
+    spec = compare.CompareSpec(
+        objectives=["a", "b"],
+        seeds=[1, 2, 3],
+        teacher="t",
+        student="s",
+        data="d",
+        eval_data="e",
+        output=str(tmp_path),
+        jobs=3,
+    )
+    compare.run_compare(spec, console=Console(quiet=True))
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["objective"], r["seed"]) for r in runs] == [(o, s) for o in "ab" for s in (1, 2, 3)]
+    assert peak[0] == 3
+    # The same comparison with another --jobs is the same comparison; other settings are not.
+    compare.run_compare(compare.CompareSpec(**{**vars(spec), "jobs": 1}), console=Console(quiet=True))
+    with pytest.raises(compare.UserError, match="other settings"):
+        compare.run_compare(compare.CompareSpec(**{**vars(spec), "seeds": [1]}), console=Console(quiet=True))
+    with pytest.raises(compare.UserError, match="jobs"):
+        compare.run_compare(compare.CompareSpec(**{**vars(spec), "jobs": 0}), console=Console(quiet=True))

@@ -158,6 +158,7 @@ def compare(
     threads: Annotated[
         int | None, Opt(help="CPU threads per run (OMP_NUM_THREADS); 1 suits tiny models.")
     ] = None,
+    jobs: Annotated[int, Opt(help="Runs at once, each its own process (default 1: one after another).")] = 1,
 ) -> None:
     """Run OBJECTIVES x SEEDS from the same student and budget, evaluate all, write a table and plots.
 
@@ -186,6 +187,7 @@ def compare(
         eval_batch_size=eval_batch_size,
         greedy=greedy,
         threads=threads,
+        jobs=jobs,
     )
     run_compare(spec, console=console)
 

@@ -3,7 +3,8 @@ each in its own process (memory is released between runs), then ``eval rougel`` 
 and seeds for every student, the teacher and the undistilled student.
 
 Resumable: a run with its Rouge-L file is skipped; an interrupted run resumes from its checkpoint;
-a failed run is reported and does not stop the others.
+a failed run is reported and does not stop the others. Runs go one after another by default;
+``jobs > 1`` runs that many child processes at once (on a CPU, with ``threads × jobs`` ≤ cores).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,12 @@ class CompareSpec:
     eval_batch_size: int = 16
     greedy: bool = False
     threads: int | None = None  # torch CPU threads of every child process (1 is fastest for tiny models)
+    jobs: int = 1  # child processes at once; does not change any result, so not part of the identity
+
+
+def identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that determine the results (a resumed comparison must match them)."""
+    return {k: v for k, v in settings.items() if k != "jobs"}
 
 
 def parse_objective_options(pairs: list[str] | None, objectives: list[str]) -> dict[str, dict[str, Any]]:
@@ -350,29 +358,46 @@ def run_compare(spec: CompareSpec, console: Console | None = None) -> Path:
     console = console or Console()
     root = Path(spec.output)
     spec_file = root / "compare.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) != asdict(spec):
+    if spec.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {spec.jobs}")
+    if spec_file.is_file() and identity(json.loads(spec_file.read_text())) != identity(asdict(spec)):
         raise UserError(f"{root} holds a comparison with other settings; choose another --output")
     for sub in ("runs", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(asdict(spec), indent=2))
     started = time.perf_counter()
-    results = []
     jobs = [(o, s) for o in spec.objectives for s in spec.seeds]
-    for i, (objective, seed) in enumerate(jobs, 1):
+    results: list[dict[str, Any]] = [{} for _ in jobs]
+    done = 0
+
+    def one(i: int) -> tuple[int, dict[str, Any], float]:
         t0 = time.perf_counter()
-        with console.status(f"[{i}/{len(jobs)}] {objective} seed {seed}: training and evaluating"):
-            result = train_and_eval(spec, objective, seed, root)
-        results.append(result)
-        status = "[green]ok" if result["status"] == "ok" else f"[red]failed[/]: {result['error']}"
-        score = f" Rouge-L {result['rougeL']:.2f}" if result["status"] == "ok" else ""
-        console.print(
-            f"[{i}/{len(jobs)}] {objective} seed {seed}: {status}{score} ({time.perf_counter() - t0:.0f} s)"
+        return i, train_and_eval(spec, *jobs[i], root), time.perf_counter() - t0
+
+    label = "training and evaluating" + (f" ({spec.jobs} at a time)" if spec.jobs > 1 else "")
+    with (
+        console.status(f"{len(jobs)} run(s): {label}") as status,
+        ThreadPoolExecutor(max_workers=spec.jobs) as pool,
+    ):
+        for future in as_completed([pool.submit(one, i) for i in range(len(jobs))]):
+            i, result, seconds = future.result()
+            results[i] = result
+            done += 1
+            objective, seed = jobs[i]
+            state = "[green]ok" if result["status"] == "ok" else f"[red]failed[/]: {result['error']}"
+            score = f" Rouge-L {result['rougeL']:.2f}" if result["status"] == "ok" else ""
+            console.print(f"[{done}/{len(jobs)}] {objective} seed {seed}: {state}{score} ({seconds:.0f} s)")
+            status.update(f"{len(jobs) - done} run(s) left: {label}")
+    with (
+        console.status("evaluating the teacher and the undistilled student"),
+        ThreadPoolExecutor(max_workers=min(spec.jobs, 2)) as pool,
+    ):
+        refs = list(
+            pool.map(
+                lambda nm: reference(spec, nm[0], nm[1], root),
+                [("teacher", spec.teacher), ("student (no distillation)", spec.student)],
+            )
         )
-    with console.status("evaluating the teacher and the undistilled student"):
-        refs = [
-            reference(spec, "teacher", spec.teacher, root),
-            reference(spec, "student (no distillation)", spec.student, root),
-        ]
     rows = aggregate(results)
     elapsed = time.perf_counter() - started
     (root / "results.json").write_text(
