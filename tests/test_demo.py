@@ -44,3 +44,25 @@ def test_demo_compares_every_registered_objective_with_sft_last():
 
     names = demo_objectives()
     assert names[-1] == "sft" and sorted(names) == sorted(available())
+
+
+def test_demo_passes_its_settings_to_compare(tmp_path, monkeypatch):
+    """The demo's per-objective options and parallelism reach the comparison it runs."""
+    import kdtool.compare
+    import kdtool.demo as demo
+
+    specs = []
+
+    def fake_compare(spec, console):
+        specs.append(spec)
+        return tmp_path
+
+    monkeypatch.setattr(demo, "prepare", lambda out: {k: out / k for k in ("train", "test", "student_init")})
+    monkeypatch.setattr(demo, "train_teacher", lambda paths, out, steps, console: out / "teacher")
+    monkeypatch.setattr(kdtool.compare, "run_compare", fake_compare)
+    demo.run_demo(tmp_path / "d", objectives=["minillm", "sft"])
+    demo.run_demo(tmp_path / "e", objectives=["fkl", "sft"])
+    assert specs[0].objective_options == {"minillm": demo.DEMO_OPTIONS["minillm"]}
+    assert specs[0].jobs == demo.JOBS and specs[0].threads == 1
+    assert specs[0].objectives == ["minillm", "sft"]
+    assert specs[1].objective_options == {}

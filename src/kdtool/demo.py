@@ -111,8 +111,10 @@ def run_demo(
     if quick:
         flags[flags.index("--max-steps") + 1] = QUICK["student_steps"]
         evaluation.update(eval_seeds=QUICK["eval_seeds"], eval_limit=QUICK["eval_limit"])
+    names = objectives or demo_objectives()
     spec = CompareSpec(
-        objectives=objectives or demo_objectives(),
+        objectives=names,
+        objective_options={k: v for k, v in DEMO_OPTIONS.items() if k in names},
         seeds=[1],
         teacher=str(teacher),
         student=str(paths["student_init"]),
