@@ -29,6 +29,24 @@ def test_quick_demo_runs_offline_and_reports(tmp_path):
         fkl["eval_fkl"] < first["eval_fkl"]
     )  # even 10 steps of distillation move the student towards the teacher
     assert "report:" in proc.stdout and (out / "compare" / "report.md").is_file()
+    # The same command again continues the finished demo: nothing is trained a second time.
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kdtool", "demo", "--quick", "--objectives", "fkl,sft", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "already trained" in resumed.stdout
+    assert (out / "compare" / "logs" / "fkl-seed1.log").read_text().count("kdtool distill") == 1
+    other = subprocess.run(
+        [sys.executable, "-m", "kdtool", "demo", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode == 1 and "other settings" in other.stderr
     again = subprocess.run(
         [sys.executable, "-m", "kdtool", "demo", "--quick", "--output", str(tmp_path)],
         capture_output=True,

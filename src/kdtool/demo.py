@@ -4,11 +4,13 @@
 configs; 3. train the teacher with ``sft``; 4. ``kdtool compare`` every registered objective
 (``sft`` is the no-KD baseline) from the same initial student with the same budget, evaluated with
 held-out loss and Rouge-L, two runs at a time on a machine with two cores or more; 5. print the
-table and where the report is.
+table and where the report is. Interrupted, the same command continues where it stopped (the
+teacher from its checkpoint, the comparison run by run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -62,19 +64,24 @@ def prepare(out: Path) -> dict[str, Path]:
 def train_teacher(paths: dict[str, Path], out: Path, steps: int, console: Console) -> Path:
     from kdtool.trainer import train
 
-    console.print("[bold]teacher[/] (sft, 2 layers × 96)")
+    run = out / "teacher"
+    if (run / "kdtool.json").is_file():
+        console.print(f"[bold]teacher[/] (sft, 2 layers × 96): already trained in {run}")
+        return run
+    resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*"))
+    console.print(f"[bold]teacher[/] (sft, 2 layers × 96){': resuming' if resume else ''}")
     flags: dict[str, Any] = dict(
         TEACHER_TRAIN,
         max_steps=steps,
         student=str(paths["teacher_init"]),
-        output=str(out / "teacher"),
+        output=str(run),
         data=str(paths["train"]),
         eval_data=str(paths["test"]),
         max_length=128,
         eval_batches=4,
         log_every=50,
     )
-    return train(resolve(None, flags), overwrite=True, console=console)
+    return train(resolve(None, flags), resume=resume, overwrite=not resume, console=console)
 
 
 def demo_objectives() -> list[str]:
@@ -95,12 +102,20 @@ def run_demo(
     from kdtool.compare import CompareSpec, run_compare
 
     console = console or Console()
+    marker, settings = out / "demo.json", {"quick": quick}
     if out.exists() and any(out.iterdir()):
-        if not overwrite and not (out / "compare" / "compare.json").exists():
+        if overwrite:
+            shutil.rmtree(out)
+        elif not marker.is_file():
             raise UserError(
                 f"{out} is not empty and holds no earlier demo; choose another --output or pass --overwrite"
             )
-        shutil.rmtree(out)
+        elif json.loads(marker.read_text()) != settings:
+            raise UserError(f"{out} holds a demo with other settings; pass --overwrite to start afresh")
+        else:
+            console.print(f"continuing the demo in {out} (finished runs are kept; --overwrite starts afresh)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings))
     started = time.perf_counter()
     paths = prepare(out)
     teacher = train_teacher(
