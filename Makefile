@@ -25,7 +25,7 @@ lint:
 	$(PY) -m ruff format --check src objectives tests benchmarks examples
 
 bench:
-	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_memory.py --rounds 2
 
 clean:
 	rm -rf build dist runs demo_runs .pytest_cache
