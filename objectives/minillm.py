@@ -28,7 +28,8 @@ reward_clip=null, clip_eps=null, normalise_by=sequences`` and either ``alpha=0``
 
 The math lives in plain functions on tensors (``token_rewards``, ``rewards_to_go``, ``masked_whiten``,
 ``prefix_weights``, ``policy_loss``, ``single_step_kl``, ``minillm_token_losses``) so it is tested
-without models; the class only moves data between ``kdtool.rollout`` and the trainer.
+without models; the class only moves data between ``kdtool.rollout`` and the trainer, and hands the
+sampled tokens' terms to the chunked engine as a token-level loss (``SampledTokenLoss``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kdtool.divergence import kl
 from kdtool.objective import IGNORE_INDEX, Metrics, Objective, ObjectiveOptions, token_metric
+from kdtool.teacher import TeacherSignal
 
 # --------------------------------------------------------------------------------------------
 # The math, on plain tensors. Per-token tensors are [B, T] (or flat [N]); mask marks tokens
@@ -177,6 +179,37 @@ def minillm_token_losses(
         losses = losses + single_step_weight * tokens["single_step_weights"] * step_kl
         metrics["single_step_kl"] = token_metric(step_kl)
     return losses, metrics
+
+
+class SampledTokenLoss(Objective):
+    """``minillm_token_losses`` as a token-level objective on the sampled tokens, so the engine
+    (``kdtool.engine.token_loss_sum``) computes it chunk by chunk like any other: at most one
+    ``[chunk, V]`` block of logits per model at a time. The labels are the sampled tokens y_t; the
+    rollout buffer's per-token tensors ride along as per-token statistics (sliced per chunk).
+    """
+
+    name = "minillm-sampled-tokens"
+    description = "MiniLLM's policy-gradient and single-step terms on sampled tokens (internal)."
+
+    def __init__(self, options: MiniLLMOptions, tokens: dict[str, Tensor]) -> None:
+        super().__init__(options)
+        self.tokens = tokens  # [N] each
+
+    def batch_stats(self, token_stats: dict[str, Tensor]) -> dict[str, Any]:
+        return dict(self.tokens)
+
+    def token_losses(
+        self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
+    ) -> tuple[Tensor, Metrics]:
+        o: MiniLLMOptions = self.options  # type: ignore[assignment]
+        log_q = torch.log_softmax(student_logits.float() / o.temperature, dim=-1)  # [n, V]
+        logprobs = log_q.gather(-1, labels[:, None]).squeeze(-1)  # log q_θ(y_t | y_<t)
+        step_kl = kl(log_q, teacher.dense_log_probs())  # KL(q_θ(·|y_<t) ‖ p(·|y_<t))
+        losses, metrics = minillm_token_losses(
+            logprobs, step_kl if o.single_step else None, stats, o.clip_eps, o.single_step_weight
+        )
+        metrics.setdefault("single_step_kl", token_metric(step_kl))  # logged even when the term is off
+        return losses, metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +569,8 @@ class MiniLLM(Objective):
         count = response tokens (``normalise_by=tokens``) or sequences; the trainer divides the
         accumulated gradient by the summed count once.
         """
+        from kdtool.engine import token_loss_sum
+        from kdtool.models import hidden_states, output_head
         from kdtool.steps import target_mask, teacher_signal, to_device
 
         o = self.opt
@@ -544,65 +579,32 @@ class MiniLLM(Objective):
         labels, mask = target_mask(seqs)
         targets = labels[mask]  # [N] the sampled tokens, row-major
         teacher = teacher_signal(self, ctx, seqs, mask)
-        logprobs, step_kl = self.policy_terms(ctx, seqs, mask, targets, teacher)
         tokens = {k: batch[f"tok_{k}"].float() for k in TOKEN_KEYS}
-        losses, metrics = minillm_token_losses(
-            logprobs, step_kl if o.single_step else None, tokens, o.clip_eps, o.single_step_weight
-        )
+        with ctx.autocast():
+            hidden = hidden_states(ctx.student, seqs["input_ids"], seqs["attention_mask"])[:, :-1][mask]
+            loss_sum, metrics = token_loss_sum(
+                SampledTokenLoss(o, tokens),
+                hidden,
+                output_head(ctx.student),
+                teacher,
+                targets,
+                ctx.vocab_size,
+                ctx.chunk_size,
+            )
         n_seq = torch.tensor(float(batch["seq_kl"].numel()), device=ctx.device)
         count = mask.sum() if o.normalise_by == "tokens" else n_seq
-        loss_sum = losses.sum()
         metrics.update(
             rkl=(batch["seq_kl"].sum(), n_seq),
             response_length=(batch["seq_len"].sum(), n_seq),
             reward=token_metric(tokens["rewards"]),
             importance_weight=token_metric(tokens["ratio_weights"]),
         )
-        if step_kl is not None and "single_step_kl" not in metrics:
-            metrics["single_step_kl"] = token_metric(step_kl)
         if o.lm_loss and o.lm_weight > 0 and "lm_input_ids" in batch:
             lm_sum, lm_n = self.lm_terms(ctx, batch)
             # L_PT is a mean over its own tokens (official), weighted against the rollout count.
             loss_sum = loss_sum + o.lm_weight * lm_sum / lm_n.clamp(min=1) * count
             metrics["lm_loss"] = (lm_sum.detach(), lm_n)
         return loss_sum.float(), count, metrics
-
-    def policy_terms(
-        self, ctx: Any, seqs: dict[str, Tensor], mask: Tensor, targets: Tensor, teacher: Any
-    ) -> tuple[Tensor, Tensor]:
-        """log q_θ(y_t|y_<t) and KL(q_θ ‖ p) at each sampled token, ``[N]`` each, computed in
-        chunks of rows so at most ``chunk_size × V`` logits of each model exist at once."""
-        from torch.utils.checkpoint import checkpoint
-
-        from kdtool.models import hidden_states, output_head
-
-        tau = self.opt.temperature
-        head = output_head(ctx.student)
-        with ctx.autocast():
-            hidden = hidden_states(ctx.student, seqs["input_ids"], seqs["attention_mask"])[:, :-1][
-                mask
-            ]  # [N, H]
-        n = hidden.shape[0]
-        step = ctx.chunk_size or max(n, 1)
-
-        def rows(h: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-            with ctx.autocast():
-                logits = head(h)[..., : ctx.vocab_size]  # [n, V]
-            log_q = torch.log_softmax(logits.float() / tau, dim=-1)
-            log_p = teacher.rows(slice(lo, hi)).dense_log_probs()
-            return log_q.gather(-1, targets[lo:hi, None]).squeeze(-1), kl(log_q, log_p)
-
-        outs = []
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            if ctx.chunk_size:  # recompute each chunk's logits in backward instead of keeping them
-                outs.append(checkpoint(rows, hidden[lo:hi], lo, hi, use_reentrant=False))
-            else:
-                outs.append(rows(hidden[lo:hi], lo, hi))
-        if not outs:
-            empty = hidden.sum() * 0.0
-            return empty.reshape(0), empty.reshape(0)
-        return torch.cat([a for a, _ in outs]), torch.cat([b for _, b in outs])
 
     # -- the LM term ----------------------------------------------------------------------
 
