@@ -8,17 +8,24 @@ import sys
 
 import pytest
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def demo(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kdtool", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
 
 @pytest.mark.slow
 def test_quick_demo_runs_offline_and_reports(tmp_path):
     out = tmp_path / "d"
-    proc = subprocess.run(
-        [sys.executable, "-m", "kdtool", "demo", "--quick", "--objectives", "fkl,sft", "--output", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
+    quick = ("--quick", "--objectives", "fkl,sft", "--output", str(out))
+    proc = demo(*quick, timeout=1200, env=OFFLINE)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((out / "compare" / "results.json").read_text())
     assert {r["objective"] for r in results["runs"]} == {"fkl", "sft"}
@@ -30,29 +37,13 @@ def test_quick_demo_runs_offline_and_reports(tmp_path):
     )  # even 10 steps of distillation move the student towards the teacher
     assert "report:" in proc.stdout and (out / "compare" / "report.md").is_file()
     # The same command again continues the finished demo: nothing is trained a second time.
-    resumed = subprocess.run(
-        [sys.executable, "-m", "kdtool", "demo", "--quick", "--objectives", "fkl,sft", "--output", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
+    resumed = demo(*quick, timeout=600, env=OFFLINE)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "already trained" in resumed.stdout
     assert (out / "compare" / "logs" / "fkl-seed1.log").read_text().count("kdtool distill") == 1
-    other = subprocess.run(
-        [sys.executable, "-m", "kdtool", "demo", "--output", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    other = demo("--output", str(out))
     assert other.returncode == 1 and "other settings" in other.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "kdtool", "demo", "--quick", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = demo("--quick", "--output", str(tmp_path))
     assert again.returncode == 1 and "not empty" in again.stderr
 
 
