@@ -333,6 +333,15 @@ class Buffer:
             "kl": self.sequence_kl,
         }
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` responses."""
+        self.prompts, self.responses, self.sequence_kl = (
+            self.prompts[:n],
+            self.responses[:n],
+            self.sequence_kl[:n],
+        )
+        self.tokens = {k: v[:n] for k, v in self.tokens.items()}
+
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Buffer:
         return cls(state["prompts"], state["responses"], state["tokens"], state["kl"])
@@ -458,12 +467,21 @@ class MiniLLM(Objective):
             raise ValueError("minillm needs a live teacher (a sparse teacher cache cannot score samples)")
         tok = ctx.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        dist = ctx.extras.get("dist")
+        # Under FSDP2 every model call goes through the module the wrapper owns, and the loops
+        # agree on their bounds over ranks (``rank_sync``), so that all ranks make the same forward
+        # passes; without sharding, nothing is collective here and each rank stops on its own.
+        sync = ctx.extras.get("rank_sync")
+        calls = {
+            "student_call": ctx.extras.get("student_call"),
+            "teacher_call": ctx.extras.get("teacher_call"),
+        }
         was_training = ctx.student.training
         ctx.student.eval()
         buffer = Buffer()
         try:
-            while len(buffer) < o.rollout_batch_size:
+            while (
+                sync.any(len(buffer) < o.rollout_batch_size) if sync else len(buffer) < o.rollout_batch_size
+            ):
                 prompts = prompts_of(next(prompt_batches))
                 if any(len(p) == 0 for p in prompts):
                     raise UserError("minillm samples a response to each prompt: every example needs a prompt")
@@ -486,11 +504,14 @@ class MiniLLM(Objective):
                         top_p=o.top_p,
                         generator=ctx.generator,
                         vocab_size=ctx.vocab_size,
-                        stop_early=not (dist is not None and dist.enabled),
+                        any_rank=sync.any if sync else None,
+                        **calls,
                     )
                 self.add_to_buffer(buffer, rollout)
         finally:
             ctx.student.train(was_training)
+        if sync:  # a short last data batch can leave ranks with more rollouts: equal PPO plans
+            buffer.truncate(sync.min(len(buffer)))
         self.finish_buffer(buffer)
         return buffer
 

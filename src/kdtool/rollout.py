@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,29 +122,47 @@ def mix_log_probs(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
 
 
 class _Stepper:
-    """One model and its KV cache: feed the prompt once, then one token per step."""
+    """One model and its KV cache: feed the prompt once, then one token per step.
 
-    def __init__(self, model: Any, vocab_size: int | None, out_device: torch.device):
+    ``call`` runs the model (default: the model itself). Under FSDP2 it is the module the
+    wrapper owns, so that its pre-forward hook gathers the root's parameters; ``model`` is
+    only inspected (signature, device).
+    """
+
+    def __init__(self, model: Any, vocab_size: int | None, out_device: torch.device, call: Any | None = None):
         self.model, self.vocab_size, self.cache = model, vocab_size, None
+        self.call = call if call is not None else model
         self.device, self.out_device = _device(model), out_device
         params = inspect.signature(model.forward).parameters
-        self.takes_positions = "position_ids" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-        )
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.takes_positions = "position_ids" in params or takes_kwargs
+        # Only the last position's logits are sampled from: without this the prefill makes
+        # [B, P, V] logits (transformers >= 4.45; older or custom models compute them all).
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def __call__(self, ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
         """Next-token logits ``[B, V]`` (fp32) after feeding ``ids`` ``[B, n]``."""
         extra = {"position_ids": positions.to(self.device)} if self.takes_positions else {}
-        out = self.model(
+        out = self.call(
             input_ids=ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             past_key_values=self.cache,
             use_cache=True,
             **extra,
+            **self.keep_last,
         )
         self.cache = out.past_key_values
         logits = out.logits[:, -1].float().to(self.out_device)
         return logits[:, : self.vocab_size] if self.vocab_size else logits
+
+    def idle(self, ids: Tensor) -> None:
+        """A one-token forward whose output is dropped: it only makes this rank take part in the
+        all-gathers of a sharded model while other ranks still decode."""
+        first = ids[:, :1].to(self.device)
+        extra = {"position_ids": torch.zeros_like(first)} if self.takes_positions else {}
+        self.call(
+            input_ids=first, attention_mask=torch.ones_like(first), use_cache=False, **extra, **self.keep_last
+        )
 
 
 @torch.no_grad()
@@ -164,6 +182,9 @@ def sample(
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
     stop_early: bool = True,
+    student_call: Any | None = None,
+    teacher_call: Any | None = None,
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample responses from the student, or from the teacher-mixed proposal when ``alpha > 0``.
 
@@ -183,8 +204,13 @@ def sample(
         temperature, top_k, top_p: student temperature and proposal truncation.
         generator: seeds the sampling (on the student's device).
         vocab_size: compare only the first ``vocab_size`` logits (padded embedding matrices).
-        stop_early: stop once every row has emitted EOS (set ``False`` when several
-            processes must run the same number of forward passes, e.g. under FSDP).
+        stop_early: stop once every row has emitted EOS (``False``: always ``max_new_tokens``).
+        student_call, teacher_call: what runs each model (default: the model); under FSDP2 the
+            module its wrapper owns, so that the wrapper's hooks gather the parameters.
+        any_rank: with sharded models, reduces "this rank still decodes" over ranks (logical
+            or). Every rank then makes one forward pass per model per step until no rank
+            decodes; a rank that is done makes idle passes, which sample nothing (its generator
+            advances exactly as in a single process), so the all-gathers line up.
 
     Returns:
         A ``Rollout`` (see its attributes); models are left in the mode they were given in.
@@ -197,12 +223,22 @@ def sample(
     batch = prompt_ids.shape[0]
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]: left padding does not shift positions
-    s_step = _Stepper(student, vocab_size, device)
-    t_step = _Stepper(teacher, vocab_size, device) if teacher is not None else None
+    s_step = _Stepper(student, vocab_size, device, student_call)
+    t_step = _Stepper(teacher, vocab_size, device, teacher_call) if teacher is not None else None
     ids = prompt_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    cols: dict[str, list[Tensor]] = {k: [] for k in ("ids", "valid", "lq", "lp", "lmix", "kl")}
-    for _ in range(max_new_tokens):
+    cols: dict[str, list[Tensor]] = {k: [] for k in ("ids", "valid", "lq", "lmix", "lp", "kl")}
+    step = 0
+    while True:
+        decoding = step < max_new_tokens and not (stop_early and step > 0 and bool(finished.all()))
+        if not (any_rank(decoding) if any_rank is not None else decoding):
+            break
+        step += 1
+        if not decoding:  # another rank still samples: take part in its all-gathers
+            s_step.idle(prompt_ids)
+            if t_step is not None:
+                t_step.idle(prompt_ids)
+            continue
         log_q = torch.log_softmax(s_step(ids, mask, positions) / temperature, dim=-1)  # [B, V]
         log_p = None
         if t_step is not None:
@@ -221,8 +257,6 @@ def sample(
             cols["kl"].append(kl(log_q, log_p))
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-        if stop_early and bool(finished.all()):
-            break
         ids = token.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
