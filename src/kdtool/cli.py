@@ -87,6 +87,12 @@ def distill(
         str | None, Opt(help="Spread the teacher over devices (e.g. auto).")
     ] = None,
     device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[
+        str | None, Opt(help="auto (bf16 autocast and bf16 teacher on CUDA), float32 or bfloat16.")
+    ] = None,
+    dist_timeout_minutes: Annotated[
+        float | None, Opt(help="Timeout of collectives under torchrun (default 60).")
+    ] = None,
     log_every: Annotated[int | None, Opt(help="Steps between metrics.jsonl lines.")] = None,
     eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
@@ -124,6 +130,8 @@ def distill(
         fsdp_teacher=fsdp_teacher,
         teacher_device_map=teacher_device_map,
         device=device,
+        dtype=dtype,
+        dist_timeout_minutes=dist_timeout_minutes,
         log_every=log_every,
         eval_every=eval_every,
         save_every=save_every,

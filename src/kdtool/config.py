@@ -68,6 +68,12 @@ class DistillConfig(BaseModel):
     teacher_device_map: str | None = Field(
         None, description="Place a teacher too big for one device with transformers' device_map (e.g. auto)."
     )
+    dist_timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        description="Timeout of every collective under torchrun (NCCL's default of 10 min is shorter than "
+        "rank 0 writing a large checkpoint while the others wait).",
+    )
     # bookkeeping
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Steps between evals (default: 10 per run).")

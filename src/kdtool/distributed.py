@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,23 +35,42 @@ class DistInfo:
         return self.world > 1
 
 
-def setup(device: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun/accelerate; pick this rank's device."""
+def setup(device: str, timeout_minutes: float = 60.0) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun/accelerate; pick this rank's device.
+
+    ``timeout_minutes`` bounds every collective: NCCL's default (10 min) is shorter than rank 0
+    alone evaluating or writing a large checkpoint while the others wait at a barrier.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), resolve_device(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device)
     if target.type == "cuda":
-        target = torch.device("cuda", local_rank)
+        target = torch.device("cuda", local_device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(target)
     backend = "nccl" if target.type == "cuda" else "gloo"
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend=backend, device_id=target if target.type == "cuda" else None)
+            dist.init_process_group(
+                backend=backend,
+                timeout=timedelta(minutes=timeout_minutes),
+                device_id=target if target.type == "cuda" else None,
+            )
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"cannot join the process group ({backend}): {exc}") from exc
     return DistInfo(rank=rank, world=world, local_rank=local_rank), target
+
+
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank: LOCAL_RANK indexes the visible devices only when each rank sees
+    them all; a launcher that gives each rank its own GPU (CUDA_VISIBLE_DEVICES) leaves one."""
+    return local_rank % max(visible, 1)
+
+
+def world_size_from_env() -> int:
+    """The launcher's world size, readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def teardown(info: DistInfo) -> None:
@@ -88,6 +108,26 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+class RankSync:
+    """Agreement between ranks on loop bounds, for loops that run sharded models: each rank must
+    make the same number of forward passes, or FSDP's all-gathers stop lining up (a hang on NCCL)."""
+
+    def __init__(self, info: DistInfo, device: torch.device):
+        self.info, self.device = info, device
+
+    def _reduce(self, value: int, op: Any) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return int(t.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on some rank."""
+        return bool(self._reduce(int(flag), dist.ReduceOp.MAX))
+
+    def min(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+
 def shard(step_module: nn.Module, student: nn.Module) -> nn.Module:
     """FSDP2: one unit per decoder block (``_no_split_modules``), the step module as the root unit.
 
@@ -97,12 +137,7 @@ def shard(step_module: nn.Module, student: nn.Module) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    block_names = set(getattr(student, "_no_split_modules", None) or [])
-    blocks = [m for m in student.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise UserError(
-            f"--fsdp: cannot find the decoder blocks of {type(student).__name__} (no _no_split_modules)"
-        )
+    blocks = decoder_blocks(student, "--fsdp")
     for block in blocks:
         fully_shard(block)
     fully_shard(step_module)
@@ -110,19 +145,42 @@ def shard(step_module: nn.Module, student: nn.Module) -> nn.Module:
 
 
 class TeacherForward(nn.Module):
-    """The teacher's final hidden states as a module, so FSDP2's root unit sees a forward."""
+    """The teacher as a module whose ``forward`` every teacher call goes through, so that FSDP2's
+    root unit (this module) gathers its parameters for each one.
+
+    By default the final hidden states ``[B, T, H]``; with ``hidden_only=False`` the model's own
+    output (rollouts: logits and KV cache).
+    """
 
     def __init__(self, teacher: nn.Module):
         super().__init__()
         self.teacher = teacher
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, hidden_only: bool = True, **model_kwargs: Any
+    ) -> Any:
         from kdtool.models import hidden_states
 
-        return hidden_states(self.teacher, input_ids, attention_mask)
+        if hidden_only:
+            return hidden_states(self.teacher, input_ids, attention_mask)
+        return self.teacher(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+
+    def model_call(self, **kwargs: Any) -> Any:
+        """``teacher(**kwargs)`` through this module's forward (what the rollout sampler calls)."""
+        return self(hidden_only=False, **kwargs)
 
 
-def shard_teacher(teacher: nn.Module) -> nn.Module:
+def decoder_blocks(model: nn.Module, flag: str) -> list[nn.Module]:
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise UserError(
+            f"{flag}: cannot find the decoder blocks of {type(model).__name__} (no _no_split_modules)"
+        )
+    return blocks
+
+
+def shard_teacher(teacher: nn.Module) -> TeacherForward:
     """FSDP2 for the frozen teacher: blocks are gathered one at a time during its forward.
 
     The root unit (embeddings, final norm, output layer) is not resharded after the forward, so the
@@ -130,14 +188,45 @@ def shard_teacher(teacher: nn.Module) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    block_names = set(getattr(teacher, "_no_split_modules", None) or [])
-    blocks = [m for m in teacher.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise UserError(f"--fsdp-teacher: cannot find the decoder blocks of {type(teacher).__name__}")
-    for block in blocks:
+    for block in decoder_blocks(teacher, "--fsdp-teacher"):
         fully_shard(block)
     wrapper = TeacherForward(teacher)
     fully_shard(wrapper, reshard_after_forward=False)
+    return wrapper
+
+
+def load_sharded_teacher(
+    name_or_path: str, dtype: torch.dtype, info: DistInfo, device: torch.device
+) -> TeacherForward:
+    """``--fsdp-teacher`` without a whole teacher on any GPU: every rank builds it on the meta
+    device and shards it (no memory), then rank 0, which alone reads the weights (into CPU
+    memory), sends each rank its shards; buffers (rotary tables, which are not in the state dict)
+    are broadcast from rank 0 as well.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdtool.models import load_model
+
+    full = load_model(name_or_path, "cpu", dtype) if info.is_main else None
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a causal LM from {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    teacher = teacher.eval().requires_grad_(False)
+    wrapper = shard_teacher(teacher)
+    wrapper.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(teacher, state, options=options)
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in teacher.named_buffers():
+        if full is not None:
+            buffer.copy_(source[name])
+        dist.broadcast(buffer, src=0)
+    del full, state, source
     return wrapper
 
 

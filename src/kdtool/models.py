@@ -53,17 +53,21 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
+    max_memory: dict[int | str, int] | None = None,
 ) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for anything that is not a causal LM.
 
     ``device_map`` (e.g. ``"auto"``) spreads a model too large for one device over all visible
-    devices (and CPU memory) through transformers/accelerate; ``device`` is then ignored.
+    devices (and CPU memory) through transformers/accelerate, within ``max_memory`` per device
+    when given; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype) if dtype != "auto" else None
-    extra = {"device_map": device_map} if device_map else {}
+    extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
+    if device_map and max_memory:
+        extra["max_memory"] = max_memory
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **extra)
     except (OSError, ValueError, KeyError) as exc:
@@ -72,8 +76,15 @@ def load_model(
 
 
 def hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits, on
+    ``input_ids``' device.
+
+    ``base_model`` skips the output hook that accelerate puts on the whole model under a
+    ``device_map``, so a teacher spread over GPUs returns them on its last GPU: they are moved
+    back to where the mask and the student's logits live (a no-op on one device).
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden.to(input_ids.device)
 
 
 def output_head(model: Any) -> Callable[[Tensor], Tensor]:
@@ -86,9 +97,25 @@ def output_head(model: Any) -> Callable[[Tensor], Tensor]:
     config = model.config
     scale = getattr(config, "logit_scale", None)
     softcap = getattr(config, "final_logit_softcapping", None)
-    if not scale and not softcap:
-        return head
-    return LogitHead(head, scale=scale, softcap=softcap)
+    if scale or softcap:
+        head = LogitHead(head, scale=scale, softcap=softcap)
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        return DeviceAlignedHead(head)
+    return head
+
+
+class DeviceAlignedHead(nn.Module):
+    """The output layer of a model spread over devices (``device_map``): rows of hidden states go
+    to the layer's device and their logits come back to the rows' device (the student's), chunk by
+    chunk, so that neither the ``[V, H]`` weight nor a whole batch of logits is copied."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        weight = next(self.head.parameters())
+        return self.head(hidden.to(weight.device)).to(hidden.device)
 
 
 class LogitHead(nn.Module):

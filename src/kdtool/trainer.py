@@ -29,7 +29,7 @@ from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, loa
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
 from kdtool.models import load_model, load_tokenizer, shared_vocab_size
-from kdtool.objective import Metrics, Objective
+from kdtool.objective import Objective
 from kdtool.progress import TrainProgress
 from kdtool.registry import get_objective
 from kdtool.steps import StepContext, to_device, token_micro_batch_loss
@@ -114,19 +114,51 @@ def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) 
     return False
 
 
-def setup_models(cfg: DistillConfig, tokenizer: Any, device: torch.device) -> tuple[Any, Any | None, int]:
-    """Student (trainable) and teacher (eval mode, no grad; bf16 on CUDA), and their shared vocabulary."""
+def setup_models(
+    cfg: DistillConfig, tokenizer: Any, device: torch.device, info: DistInfo = DistInfo()
+) -> tuple[Any, Any | None, int, nn.Module | None]:
+    """Student (trainable), teacher (eval mode, no grad) and their shared vocabulary, plus the
+    sharded teacher's wrapper under ``--fsdp-teacher`` (every teacher call must go through it).
+
+    The teacher is bf16 on CUDA unless ``--dtype float32`` asks for full precision.
+    """
     student = load_model(cfg.student, device)
-    teacher = None
+    teacher = teacher_forward = None
     teacher_tok = None
     # A teacher given to an objective that does not train on it (sft) still measures held-out KL.
     if cfg.teacher and not cfg.teacher_cache:
         teacher_tok = load_tokenizer(cfg.teacher)
-        teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map)
+        low = device.type == "cuda" and cfg.dtype != "float32"
+        teacher_dtype = torch.bfloat16 if low else torch.float32
+        if cfg.fsdp_teacher and info.enabled:
+            teacher_forward = distributed.load_sharded_teacher(cfg.teacher, teacher_dtype, info, device)
+            teacher = teacher_forward.teacher
+        else:
+            budget = teacher_memory_budget(student, device) if cfg.teacher_device_map == "auto" else None
+            teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map, budget)
         teacher = teacher.eval().requires_grad_(False)
     vocab = shared_vocab_size(teacher_tok, tokenizer, teacher, student)
-    return student, teacher, vocab
+    return student, teacher, vocab, teacher_forward
+
+
+def teacher_memory_budget(student: nn.Module, device: torch.device) -> dict[int | str, int] | None:
+    """``max_memory`` for ``--teacher-device-map auto``: accelerate fills GPU 0 first, but the
+    student trains on its device, so that one is offered only what remains after the student's
+    gradients and AdamW moments (3 × its fp32 weights, already loaded) and a quarter of the
+    device for activations; the other GPUs get their free memory, then CPU RAM.
+    """
+    if device.type != "cuda":
+        return None
+    import psutil
+
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    here = device.index if device.index is not None else torch.cuda.current_device()
+    budget: dict[int | str, int] = {}
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        budget[i] = max(0, free - 3 * weights - total // 4) if i == here else int(free * 0.95)
+    budget["cpu"] = int(psutil.virtual_memory().available * 0.9)
+    return budget
 
 
 def get_objective_class(cfg: DistillConfig) -> type[Objective]:
@@ -203,8 +235,15 @@ class StepModule(nn.Module):
         self.objective, self.ctx = objective, ctx
 
     def forward(
-        self, batch: dict[str, torch.Tensor], probe: Objective | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+        self,
+        batch: dict[str, torch.Tensor] | None = None,
+        probe: Objective | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """One micro-batch's ``(loss_sum, count, metrics)``; without a batch, ``student(**model_kwargs)``
+        (a rollout step), so that under FSDP2 every student call goes through this root unit."""
+        if batch is None:
+            return self.student(**model_kwargs)
         return (probe or self.objective).micro_batch_loss(self.ctx, batch)
 
 
@@ -312,15 +351,27 @@ def evaluate(
     return {f"eval_{k}": v / max(tokens, 1) for k, v in sums.items()}
 
 
+def rank_state(objective: Objective, ctx: StepContext) -> dict[str, Any]:
+    """What differs between ranks besides the RNGs: the sampling generator (seeded per rank) and
+    the objective's own state (minillm: this rank's rollout buffer and its position in it)."""
+    out: dict[str, Any] = {}
+    if ctx.generator is not None:
+        out["generator"] = ctx.generator.get_state()
+    if hasattr(objective, "state_dict"):
+        out["objective"] = objective.state_dict()
+    return out
+
+
 def trainer_state(
     state: TrainState,
     loader_state: dict[str, int],
     rng: list[dict[str, Any]],
     optimizer_state: dict[str, Any],
     scheduler: Any,
-    objective: Objective,
-    ctx: StepContext,
+    ranks: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """The checkpoint's trainer state; ``ranks`` holds every rank's ``rank_state``, rank 0's also at
+    the top level (where a single-process checkpoint has always kept it)."""
     out = {
         "step": state.step,
         "tokens": state.tokens,
@@ -329,11 +380,10 @@ def trainer_state(
         "rng": rng,
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
+        **ranks[0],
     }
-    if ctx.generator is not None:
-        out["generator"] = ctx.generator.get_state()
-    if hasattr(objective, "state_dict"):
-        out["objective"] = objective.state_dict()
+    if len(ranks) > 1:
+        out["ranks"] = ranks
     return out
 
 
@@ -355,10 +405,11 @@ def restore(
             f"--resume: the checkpoint was written by {len(rngs)} process(es); relaunch with that many"
         )
     checkpoint.set_rng_state(rngs[info.rank])
-    if ctx.generator is not None and "generator" in saved:
-        ctx.generator.set_state(saved["generator"])
-    if hasattr(objective, "load_state_dict") and "objective" in saved:
-        objective.load_state_dict(saved["objective"])
+    mine = saved["ranks"][info.rank] if "ranks" in saved else saved
+    if ctx.generator is not None and "generator" in mine:
+        ctx.generator.set_state(mine["generator"])
+    if hasattr(objective, "load_state_dict") and "objective" in mine:
+        objective.load_state_dict(mine["objective"])
 
 
 def log(run: Run, record: dict[str, Any]) -> None:
@@ -374,7 +425,13 @@ def train(
     Under torchrun/accelerate every rank runs this; only rank 0 writes files.
     """
     console = console or Console(stderr=True)
-    info, device = distributed.setup(cfg.device)
+    if cfg.teacher_device_map and distributed.world_size_from_env() > 1:
+        # Every rank would spread a whole teacher over all GPUs of the node (N copies fighting for
+        # the same memory); --fsdp-teacher shards one teacher over the ranks instead.
+        raise UserError(
+            "--teacher-device-map is for one process; under torchrun with several processes use --fsdp-teacher"
+        )
+    info, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
         return _train(cfg, resume, overwrite, console, info, device)
     finally:
@@ -400,7 +457,7 @@ def _train(
     tokenizer = load_tokenizer(cfg.student)
     # Data first: a malformed line should stop the run before a large model is loaded.
     train_ds, eval_ds, report = setup_data(cfg, tokenizer)
-    student, teacher, vocab = setup_models(cfg, tokenizer, device)
+    student, teacher, vocab, teacher_forward = setup_models(cfg, tokenizer, device, info)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     loader = BatchLoader(train_ds, cfg.batch_size, cfg.seed, rank=info.rank, world=info.world)
     steps = total_steps(cfg, loader)
@@ -419,9 +476,16 @@ def _train(
     )
     # Shard/wrap before the optimizer exists: FSDP2 replaces the parameters with DTensors.
     step_module = wrap_for_ranks(StepModule(student, objective, ctx), info, device, cfg.fsdp)
-    if teacher is not None and cfg.fsdp_teacher and info.enabled:
-        ctx.extras["teacher_forward"] = distributed.shard_teacher(teacher)
     sharded = is_sharded(step_module)
+    # Every call of a sharded model goes through the module its FSDP2 root owns (hooks gather the
+    # parameters there), and loops around such calls agree on their bounds across ranks.
+    if sharded:
+        ctx.extras["student_call"] = step_module
+    if teacher_forward is not None:
+        ctx.extras["teacher_forward"] = teacher_forward
+        ctx.extras["teacher_call"] = teacher_forward.model_call  # type: ignore[attr-defined]
+    if sharded or teacher_forward is not None:
+        ctx.extras["rank_sync"] = distributed.RankSync(info, device)
     # With anything sharded, evaluation is a collective: every rank runs it, rank 0 logs.
     eval_everywhere = sharded or "teacher_forward" in ctx.extras
     eval_module = getattr(step_module, "module", step_module)  # DDP's inner module: no sync in eval
@@ -460,11 +524,12 @@ def _train(
 
     def save_checkpoint() -> Path:
         rngs = distributed.gather_objects(snapshot[1], info)  # every rank's RNG, restored per rank
+        ranks = distributed.gather_objects(rank_state(objective, ctx), info)
         model_state = distributed.full_model_state(student, info, sharded)  # collectives under FSDP
         optim_state = distributed.full_optimizer_state(student, optimizer, sharded)
         where = run.checkpoints / f"step-{state.step:06d}"
         if main:
-            ts = trainer_state(state, snapshot[0], rngs, optim_state, scheduler, objective, ctx)
+            ts = trainer_state(state, snapshot[0], rngs, optim_state, scheduler, ranks)
             where = checkpoint.save(
                 run.checkpoints, state.step, student, ts, config_yaml, cfg.keep_checkpoints, model_state
             )
@@ -532,13 +597,20 @@ def _train(
     return run.root
 
 
-def peak_memory() -> dict[str, float]:
-    """This process's peak resident memory, and peak CUDA allocation when on a GPU (MB)."""
+def student_device(student: Any) -> torch.device:
+    try:
+        return next(student.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def peak_memory(device: torch.device | None = None) -> dict[str, float]:
+    """This process's peak resident memory, and peak CUDA allocation on ``device`` when it is a GPU (MB)."""
     import resource
 
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if device is not None and device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
@@ -563,7 +635,7 @@ def finish(
         "tokens": state.tokens,
         "wall_time_s": round(state.elapsed, 2),
         "tokens_per_s": round(state.tokens / max(state.elapsed, 1e-9), 1),
-        **peak_memory(),
+        **peak_memory(student_device(student)),
         "examples": len(train_ds),
         "truncated_examples": train_ds.num_truncated,
         "skipped_lines": report.bad_lines,
