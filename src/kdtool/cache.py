@@ -190,6 +190,15 @@ def index_dtype(vocab_size: int) -> torch.dtype:
     return torch.uint16 if vocab_size <= 65_536 else torch.int32
 
 
+def indices_to(indices: Tensor, device: torch.device) -> Tensor:
+    """Stored vocabulary ids ``[n, k]`` as int64 on ``device``, widened there: the transfer moves the
+    compact stored dtype (2 or 4 bytes, not 8) and the host does no per-element work. uint16
+    travels as its int16 bit pattern (CUDA kernels for uint16 are sparse) and is unmasked after."""
+    if indices.dtype == torch.uint16:
+        return indices.view(torch.int16).to(device).long() & 0xFFFF
+    return indices.to(device).long()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -572,16 +581,17 @@ class TeacherCache:
             batch: ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` and ``index`` ``[B]``
                 (the examples' positions in the data file).
         """
-        labels = batch["labels"][:, 1:]
+        device = batch["labels"].device
+        # One device-to-host copy per tensor for the whole batch, not one sync per row.
+        labels, ids = batch["labels"][:, 1:].cpu(), batch["input_ids"].cpu()
         n_rows = (labels != IGNORE_INDEX).sum(1).tolist()
         lengths = batch["attention_mask"].sum(1).tolist()
         parts = []
         for row, example in enumerate(batch["index"].tolist()):
             if n_rows[row] == 0:  # nothing to score (e.g. a masked stand-in batch)
                 continue
-            self._check(example, n_rows[row], batch["input_ids"][row, : lengths[row]].tolist())
+            self._check(example, n_rows[row], ids[row, : lengths[row]].tolist())
             parts.append(self.rows(example))
-        device = labels.device
         if not parts:
             values = torch.empty(
                 0, self.k, dtype=VALUE_DTYPES.get(self.manifest["value_dtype"], torch.float32)
@@ -594,7 +604,7 @@ class TeacherCache:
             )
         values, indices, lse = (torch.cat(p) for p in zip(*parts, strict=True))
         return TeacherSignal.sparse(
-            values.to(device), indices.to(device=device, dtype=torch.long), self.vocab_size, lse.to(device)
+            values.to(device), indices_to(indices, device), self.vocab_size, lse.to(device)
         )
 
     def _check(self, example: int, n_rows: int, ids: list[int]) -> None:
