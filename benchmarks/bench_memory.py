@@ -83,11 +83,15 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     n, h, ht, v = cfg["batch"] * cfg["seq"], cfg["hidden"], cfg["teacher_hidden"], cfg["vocab"]
     objective = kdtool.get_objective(cfg["objective"])
 
-    # Parameters live in fp32 (the optimizer's copy); on CUDA the step runs under bf16 autocast.
+    # As in the trainer: the student's parameters live in fp32 (the optimizer's copy) and on CUDA
+    # the step runs under bf16 autocast; the frozen teacher is loaded in bf16 on CUDA (fp32 on
+    # CPU), so its [V, H_t] weight is not re-cast every chunk, and its hidden states are bf16.
+    teacher_dtype = torch.bfloat16 if cuda else torch.float32
     student_head = torch.nn.Linear(h, v, bias=False, device=device)
-    teacher_head = torch.nn.Linear(ht, v, bias=False, device=device).requires_grad_(False)
+    teacher_head = torch.nn.Linear(ht, v, bias=False, device=device, dtype=teacher_dtype)
+    teacher_head.requires_grad_(False)
     hidden = torch.randn(n, h, device=device).requires_grad_(True)  # [N, H] student trunk output
-    teacher_hidden = torch.randn(n, ht, device=device)  # [N, H_t], computed under no_grad
+    teacher_hidden = torch.randn(n, ht, device=device, dtype=teacher_dtype)  # [N, H_t], no grad
     labels = torch.randint(0, v, (n,), device=device)
     if cfg["masked_fraction"] > 0:  # the prompt part of each sequence carries no target
         keep = torch.rand(n, device=device) >= cfg["masked_fraction"]
@@ -125,6 +129,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     # (Linux), so ru_maxrss after the next step is that step's own peak.
     step()
     sync()
+    # The warm-up's gradients are freed at the start of the next step: counted in "before", they
+    # would hide the measured step's own gradients ([V, H] fp32 for the head) from its peak.
+    student_head.weight.grad = None
+    hidden.grad = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
