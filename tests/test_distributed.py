@@ -149,3 +149,184 @@ def test_accelerate_launch_starts(tiny_dir, tmp_path, conf):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- minillm under sharding
+
+MINILLM = [
+    "--objective",
+    "minillm",
+    "-O",
+    "rollout_batch_size=4",  # 2 micro-batches of 2 per buffer: 6 steps = 3 buffers
+    "-O",
+    "inner_epochs=1",
+    "-O",
+    "max_new_tokens=16",
+]
+
+
+@pytest.fixture
+def minillm_conf(tmp_path):
+    # max_length 56 caps the decoding steps by each rank's longest prompt (33–45 tokens here): the
+    # ranks decode different numbers of tokens per buffer (see test_ranks_hold_prompts_of_different_lengths).
+    path = tmp_path / "minillm.yaml"
+    path.write_text(
+        "batch_size: 2\nlr: 0.01\nscheduler: constant\neval_every: 100\nseed: 5\nsave_every: 1\n"
+        "max_length: 56\nmax_prompt_length: 48\n"
+    )
+    return path
+
+
+def test_ranks_hold_prompts_of_different_lengths(tiny_dir, minillm_conf):
+    """The premise of the minillm tests below: per buffer, the two ranks' decoding limits differ."""
+    from kdtool.objectives.minillm import prompts_of
+
+    from kdtool.data import BatchLoader
+    from kdtool.models import load_tokenizer
+
+    cfg = resolve(
+        minillm_conf,
+        dict(
+            objective="minillm",
+            teacher=str(tiny_dir / "teacher"),
+            student=str(tiny_dir / "student"),
+            data=str(tiny_dir / "data" / "train.jsonl"),
+            output="unused",
+        ),
+    )
+    train_ds, _, _ = trainer.setup_data(cfg, load_tokenizer(cfg.student))
+    limits = []
+    for rank in (0, 1):
+        batches = iter(BatchLoader(train_ds, cfg.batch_size, cfg.seed, rank=rank, world=2))
+        lengths = [max(len(p) for p in prompts_of(next(batches))) for _ in range(6)]
+        limits.append([min(16, cfg.max_length - n) for n in lengths])
+    assert limits[0] != limits[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--fsdp"], ["--fsdp-teacher"], ["--fsdp", "--fsdp-teacher"]])
+def test_minillm_sharded_equals_ddp_and_resumes(tiny_dir, tmp_path, minillm_conf, flags):
+    """minillm with a sharded student and/or teacher over 3 rollout buffers, stopped after 3 steps
+    (mid-buffer) and resumed to 6, ends with the weights of an uninterrupted 6-step DDP run.
+
+    Each rank samples from its own generator (seed + rank), so a 2-rank minillm run is not a
+    1-rank run with twice the batch; but DDP and FSDP sample the same tokens (idle passes draw no
+    random numbers) and an interrupted run replays its buffer exactly.
+    """
+    reference = tmp_path / "ddp"
+    args = [*common(tiny_dir, minillm_conf), *MINILLM]
+    done = torchrun(*args, "--output", str(reference), "--max-steps", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "sharded"
+    first = torchrun(*args, *flags, "--output", str(out), "--max-steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(*args, *flags, "--output", str(out), "--max-steps", "6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["strategy"] == ("fsdp" if "--fsdp" in flags else "ddp")
+    assert start["teacher_sharded"] == ("--fsdp-teacher" in flags)
+    assert_same_weights(reference, out, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- --fsdp-teacher loading
+
+
+def tiny_qwen2(path: Path) -> Path:
+    """A random Qwen2 with tied embeddings and rotary tables (buffers that are not in the state dict)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2", "qwen2"])
+def test_sharded_teacher_loaded_from_rank0_equals_unsharded(tiny_dir, tmp_path, model):
+    path = tiny_dir / "teacher" if model == "gpt2" else tiny_qwen2(tmp_path / "qwen2")
+    script = Path(__file__).with_name("sharded_teacher_check.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(script), str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sharded teacher matches") == 2
+
+
+# --------------------------------------------------------------------------- single-process units
+
+
+def test_teacher_device_map_is_refused_under_torchrun(tiny_dir, tmp_path, monkeypatch):
+    from kdtool.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is joined
+    cfg = resolve(
+        None,
+        dict(
+            objective="fkl",
+            teacher=str(tiny_dir / "teacher"),
+            student=str(tiny_dir / "student"),
+            data=str(tiny_dir / "data" / "train.jsonl"),
+            output=str(tmp_path / "out"),
+            teacher_device_map="auto",
+        ),
+    )
+    with pytest.raises(UserError, match="--teacher-device-map is for one process"):
+        trainer.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_process_group_timeout_and_device_index(monkeypatch):
+    from datetime import timedelta
+
+    from kdtool import distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    info, device = distributed.setup("cpu", timeout_minutes=90)
+    assert (info.rank, info.world, device.type) == (1, 2, "cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"] == timedelta(minutes=90)
+    assert resolve(None, dict(student="s", data="d", output="o", objective="sft")).dist_timeout_minutes == 60
+    # one GPU visible per rank (CUDA_VISIBLE_DEVICES set by the launcher): LOCAL_RANK 3 is device 0
+    assert distributed.local_device_index(3, 1) == 0
+    assert distributed.local_device_index(3, 8) == 3
+
+
+def test_output_layer_of_a_spread_model_returns_logits_to_the_rows_device(tiny_dir):
+    from kdtool.models import DeviceAlignedHead, load_model, output_head
+
+    model = load_model(str(tiny_dir / "teacher"))
+    plain = output_head(model)
+    assert not isinstance(plain, DeviceAlignedHead)
+    model.hf_device_map = {"transformer": 0, "lm_head": 1}  # what accelerate records for 2 GPUs
+    spread = output_head(model)
+    assert isinstance(spread, DeviceAlignedHead)
+    rows = torch.randn(5, model.config.n_embd)
+    torch.testing.assert_close(spread(rows), plain(rows), rtol=0, atol=0)
+
+
+def test_peak_memory_reads_the_given_device():
+    assert "peak_cuda_mb" not in trainer.peak_memory(torch.device("cpu"))
+
+
+def test_cache_indices_are_widened_exactly():
+    from kdtool.cache import indices_to
+
+    ids = torch.tensor([[0, 1, 40_000, 65_535]], dtype=torch.uint16)
+    assert indices_to(ids, torch.device("cpu")).tolist() == [[0, 1, 40_000, 65_535]]
+    wide = torch.tensor([[3, 151_935]], dtype=torch.int32)
+    assert indices_to(wide, torch.device("cpu")).dtype == torch.int64

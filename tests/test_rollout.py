@@ -247,3 +247,83 @@ def test_sequence_reverse_kl_is_the_exact_kl_on_average():
     )
     se = float(est.std()) / math.sqrt(est.numel())
     assert abs(float(est.mean()) - exact) < 5 * se
+
+
+class Calls:
+    """A model call that records what it was given; ``hide_keep`` drops ``logits_to_keep`` (a
+    model without it computes every position's logits)."""
+
+    def __init__(self, model, hide_keep: bool = False):
+        self.model, self.hide_keep, self.widths = model, hide_keep, []
+
+    def __call__(self, **kw):
+        if self.hide_keep:
+            kw.pop("logits_to_keep", None)
+        out = self.model(**kw)
+        self.widths.append(out.logits.shape[1])
+        return out
+
+
+def gpt2_rollout(student_call=None, teacher_call=None, any_rank=None, seed=0):
+    student, teacher = gpt2(1), gpt2(2)
+    ids, mask = left_pad([[3, 4, 5, 6], [7, 8]], pad_id=0)
+    g = torch.Generator().manual_seed(seed)
+    out = sample(
+        student,
+        ids,
+        mask,
+        eos_token_id=1,
+        pad_token_id=0,
+        max_new_tokens=6,
+        teacher=teacher,
+        alpha=0.3,
+        generator=g,
+        student_call=student_call(student) if student_call else None,
+        teacher_call=teacher_call(teacher) if teacher_call else None,
+        any_rank=any_rank,
+    )
+    return out, g.get_state()
+
+
+def assert_same_rollout(a: Rollout, b: Rollout, atol: float = 1e-6) -> None:
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    for name in ("student_logprobs", "teacher_logprobs", "proposal_logprobs", "step_kl"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=atol)
+
+
+def test_prefill_keeps_only_the_last_logits_and_results_are_unchanged():
+    calls, full = [], []
+    keep, _ = gpt2_rollout(
+        student_call=lambda m: calls.append(Calls(m)) or calls[-1],
+        teacher_call=lambda m: calls.append(Calls(m)) or calls[-1],
+    )
+    every, _ = gpt2_rollout(
+        student_call=lambda m: full.append(Calls(m, hide_keep=True)) or full[-1],
+        teacher_call=lambda m: full.append(Calls(m, hide_keep=True)) or full[-1],
+    )
+    assert all(c.widths[0] == 1 for c in calls)  # prefill: [B, 1, V], not [B, P, V]
+    assert all(c.widths[0] == 4 for c in full)  # the fallback computes all P positions
+    assert_same_rollout(keep, every)
+
+
+def test_idle_passes_keep_ranks_in_step_without_changing_the_samples():
+    """Another rank still decodes for 4 more steps: this rank makes one forward per model per
+    step, samples nothing more, and its generator ends where a lone run's ends."""
+    alone, g_alone = gpt2_rollout()
+    steps = alone.response_ids.shape[1]
+    asked = []
+
+    def any_rank(decoding: bool) -> bool:
+        asked.append(decoding)
+        return len(asked) <= steps + 4
+
+    calls: list[Calls] = []
+    synced, g_synced = gpt2_rollout(
+        student_call=lambda m: calls.append(Calls(m)) or calls[-1],
+        teacher_call=lambda m: calls.append(Calls(m)) or calls[-1],
+        any_rank=any_rank,
+    )
+    assert_same_rollout(alone, synced, atol=0)
+    assert torch.equal(g_alone, g_synced)
+    assert [len(c.widths) for c in calls] == [steps + 4, steps + 4]
+    assert asked[steps:] == [False] * 5  # done after its own steps; the 5th answer ends the loop
