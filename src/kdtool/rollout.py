@@ -158,6 +158,8 @@ class _Stepper:
     def idle(self, ids: Tensor) -> None:
         """A one-token forward whose output is dropped: it only makes this rank take part in the
         all-gathers of a sharded model while other ranks still decode."""
+        if self.call is self.model:  # not behind a wrapper, so not sharded: nothing to take part in
+            return
         first = ids[:, :1].to(self.device)
         extra = {"position_ids": torch.zeros_like(first)} if self.takes_positions else {}
         self.call(
