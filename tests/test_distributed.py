@@ -330,3 +330,41 @@ def test_cache_indices_are_widened_exactly():
     assert indices_to(ids, torch.device("cpu")).tolist() == [[0, 1, 40_000, 65_535]]
     wide = torch.tensor([[3, 151_935]], dtype=torch.int32)
     assert indices_to(wide, torch.device("cpu")).dtype == torch.int64
+
+
+def test_teacher_dtype_and_device_map_budget_on_cuda(tiny_dir, tmp_path, monkeypatch):
+    """CUDA paths of setup_models without a GPU: the loader is stubbed, torch.cuda's queries faked."""
+    from kdtool.models import load_model, load_tokenizer
+
+    loaded = []
+
+    def fake_load(path, device="cpu", dtype=None, device_map=None, max_memory=None):
+        loaded.append((Path(path).name, dtype, device_map, max_memory))
+        return load_model(path)
+
+    monkeypatch.setattr(trainer, "load_model", fake_load)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (70 * 2**30, 80 * 2**30))
+    tok = load_tokenizer(str(tiny_dir / "student"))
+    cuda = torch.device("cuda", 0)
+    for dtype, device_map in (("auto", None), ("float32", None), ("auto", "auto")):
+        cfg = resolve(
+            None,
+            dict(
+                objective="fkl",
+                teacher=str(tiny_dir / "teacher"),
+                student=str(tiny_dir / "student"),
+                data="d",
+                output="o",
+                dtype=dtype,
+                teacher_device_map=device_map,
+            ),
+        )
+        trainer.setup_models(cfg, tok, cuda)
+    teachers = [entry for entry in loaded if entry[0] == "teacher"]
+    assert [t[1] for t in teachers] == [torch.bfloat16, torch.float32, torch.bfloat16]
+    budget = teachers[2][3]
+    student_bytes = sum(p.numel() * 4 for p in load_model(str(tiny_dir / "student")).parameters())
+    # the student's GPU keeps room for its gradients, AdamW moments and activations; the other gives 95%
+    assert budget[0] == 70 * 2**30 - 3 * student_bytes - 20 * 2**30
+    assert budget[1] == int(70 * 2**30 * 0.95) and budget["cpu"] > 0
