@@ -98,7 +98,6 @@ def distill(
 ) -> None:
     """Distil TEACHER into STUDENT with an objective; writes a Hugging Face model to OUTPUT."""
     from kdtool.config import parse_option_pairs, resolve
-    from kdtool.trainer import train
 
     flags: dict[str, Any] = dict(
         objective=objective,
@@ -130,7 +129,9 @@ def distill(
         progress=False if no_progress else None,
         objective_options=parse_option_pairs(option),
     )
-    cfg = resolve(config, flags)
+    cfg = resolve(config, flags)  # no torch yet: a bad flag or config is reported at once
+    from kdtool.trainer import train
+
     root = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
     if os.environ.get("RANK", "0") == "0":
         console.print(f"student written to {root}")
@@ -230,10 +231,10 @@ app.add_typer(eval_app, name="eval")
 def main() -> None:
     """Console entry point: user mistakes become one line and exit code 1 (``--debug`` for tracebacks)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # = transformers' disable_progress_bar() + set_verbosity_error(), read when transformers is
+    # first imported: importing it here would cost every command ~3 s, even `--help`.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except UserError as exc:
