@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -89,6 +90,7 @@ def distill(
     device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between metrics.jsonl lines.")] = None,
     eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
+    eval_batches: Annotated[int | None, Opt(help="Held-out batches per eval.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
     resume: Annotated[
@@ -125,6 +127,7 @@ def distill(
         device=device,
         log_every=log_every,
         eval_every=eval_every,
+        eval_batches=eval_batches,
         save_every=save_every,
         progress=False if no_progress else None,
         objective_options=parse_option_pairs(option),
@@ -134,7 +137,14 @@ def distill(
 
     root = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
     if os.environ.get("RANK", "0") == "0":
-        console.print(f"student written to {root}")
+        console.print(f"student written to {root} ({timing_of(root)})", soft_wrap=True, highlight=False)
+
+
+def timing_of(root: Path) -> str:
+    """``wall 61.2 s, of which evaluation 3.1 s (5.1%)``, from the run's ``kdtool.json``."""
+    summary = json.loads((root / "kdtool.json").read_text())
+    wall, spent = summary["wall_time_s"], summary["eval_time_s"]
+    return f"wall {wall:.1f} s, of which evaluation {spent:.1f} s ({100 * summary['eval_share']:.1f}%)"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
