@@ -175,3 +175,24 @@ def test_default_run_spends_under_a_tenth_of_its_forwards_on_eval_and_reports_th
     assert 0 < summary["eval_time_s"] <= summary["wall_time_s"]
     # both rounded to 10 ms in the summary
     assert summary["eval_share"] * summary["wall_time_s"] == pytest.approx(summary["eval_time_s"], abs=0.01)
+
+
+def test_shared_engine_pass_equals_each_objective_on_its_own():
+    """`token_loss_sums` over every token-level objective == `token_loss_sum` for each alone, bit for bit."""
+    from kdtool.engine import token_loss_sum, token_loss_sums
+    from kdtool.registry import available
+    from kdtool.teacher import TeacherSignal
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 29, 8, 40
+    hidden, teacher_hidden = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    student_head, teacher_head = torch.nn.Linear(h, v + 3), torch.nn.Linear(h, v)
+    labels = torch.randint(0, v, (n,), generator=g)
+    teacher = TeacherSignal.lazy(teacher_hidden, teacher_head, v)
+    objectives = {name: cls() for name, cls in available().items() if not cls.on_policy}
+    with torch.no_grad():
+        shared = token_loss_sums(objectives, hidden, student_head, teacher, labels, v, chunk_size=8)
+        for name, objective in objectives.items():
+            alone, metrics = token_loss_sum(objective, hidden, student_head, teacher, labels, v, chunk_size=8)
+            assert torch.equal(shared[name][0], alone), name
+            assert shared[name][1].keys() == metrics.keys(), name
