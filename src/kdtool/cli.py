@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
@@ -92,6 +93,10 @@ def distill(
     eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
     eval_batches: Annotated[int | None, Opt(help="Held-out batches per eval.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
+    report_to: Annotated[
+        str | None,
+        Opt(help="Also log metrics to tensorboard, wandb and/or trackio (comma-separated), or none."),
+    ] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
     resume: Annotated[
         bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")
@@ -129,10 +134,14 @@ def distill(
         eval_every=eval_every,
         eval_batches=eval_batches,
         save_every=save_every,
+        report_to=report_to,
         progress=False if no_progress else None,
         objective_options=parse_option_pairs(option),
     )
     cfg = resolve(config, flags)  # no torch yet: a bad flag or config is reported at once
+    from kdtool.trackers import require_installed
+
+    require_installed(cfg.report_to)
     from kdtool.trainer import train
 
     root = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
@@ -250,7 +259,8 @@ def main() -> None:
     except UserError as exc:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message may hold brackets ("pip install 'kdtool[wandb]'") that rich reads as markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import UserError
 
@@ -86,6 +86,17 @@ class DistillConfig(BaseModel):
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints (default: 5 per run).")
     keep_checkpoints: int = Field(2, gt=0)
     progress: bool = True
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers that also get every metrics.jsonl record: tensorboard, wandb, trackio (or none).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _parse_report_to(cls, value: Any) -> list[str]:
+        from kdtool.trackers import parse_report_to
+
+        return parse_report_to(value)
 
     def eval_schedule(self, steps: int, held_out_batches: int) -> tuple[int, int]:
         """``(eval_every, eval_batches)``: the given values, else defaults that spend at most

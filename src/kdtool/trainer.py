@@ -35,6 +35,7 @@ from kdtool.objective import Objective
 from kdtool.progress import TrainProgress
 from kdtool.registry import get_objective
 from kdtool.steps import StepContext, eval_micro_batch
+from kdtool.trackers import Trackers, require_installed
 
 # Fields that make a run *this* run: resuming with any of them changed is refused.
 IDENTITY_FIELDS = (
@@ -379,9 +380,12 @@ def restore(
         objective.load_state_dict(saved["objective"])
 
 
-def log(run: Run, record: dict[str, Any]) -> None:
+def log(run: Run, record: dict[str, Any], trackers: Trackers | None = None) -> None:
+    """One line of ``metrics.jsonl``, forwarded to the ``--report-to`` trackers."""
     with run.metrics.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if trackers is not None:
+        trackers.log(record)
 
 
 def train(
@@ -392,6 +396,7 @@ def train(
     Under torchrun/accelerate every rank runs this; only rank 0 writes files.
     """
     console = console or Console(stderr=True)
+    require_installed(cfg.report_to)  # before anything slow, on every rank alike
     info, device = distributed.setup(cfg.device)
     try:
         return _train(cfg, resume, overwrite, console, info, device)
@@ -446,6 +451,11 @@ def _train(
     optimizer, scheduler = setup_optimizer(cfg, student, steps)
     state = TrainState()
     main = info.is_main
+    # Only rank 0 reports; a resumed run opens a new tracker run that continues at its step.
+    # Opened before config.yaml is written, so a tracker that cannot start leaves no run behind.
+    trackers = Trackers()
+    if main:
+        trackers = Trackers.open(cfg.report_to, run.root, cfg.model_dump(mode="json"), config_yaml)
     if resuming:
         last = checkpoint.latest(run.checkpoints)
         assert last is not None
@@ -496,7 +506,7 @@ def _train(
         else:  # no collectives inside: the other ranks wait at the barrier
             metrics = evaluate(ctx, objective, eval_ds, cfg, max_batches=eval_batches) if main else {}
         if main:
-            log(run, {"step": state.step, **metrics})
+            log(run, {"step": state.step, **metrics}, trackers)
         distributed.barrier(info)
         state.eval_time += time.perf_counter() - began
         state.elapsed = time.perf_counter() - started
@@ -534,6 +544,7 @@ def _train(
                             "tokens_per_s": speed,
                             **record,
                         },
+                        trackers,
                     )
                     window.clear()
                 if state.step % eval_every == 0 or state.step == steps:
@@ -545,6 +556,8 @@ def _train(
         if main:
             console.print(f"interrupted: saved {where} (continue with --resume)")
         raise
+    finally:
+        trackers.close()  # every record went out inside the loop (the last eval included)
     save_checkpoint()
     final_state = distributed.full_model_state(student, info, sharded)
     if main:
