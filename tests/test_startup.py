@@ -94,3 +94,42 @@ def test_lazy_torch_imports_on_first_use():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True", "2.0", "True"]
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")
+def test_distill_says_what_it_waits_for_on_a_terminal(tiny_dir, tmp_path):
+    """The first line comes before torch is imported: a transient status on a terminal (and
+    nothing at all when stderr is a file or pipe, so logs and one-line errors stay clean)."""
+    master, slave = os.openpty()
+    args = ["--student", str(tiny_dir / "student"), "--data", str(tmp_path / "missing.jsonl")]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kdtool",
+            "distill",
+            *args,
+            "--output",
+            str(tmp_path / "r"),
+            "--objective",
+            "sft",
+        ],
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the other end closed: the process is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=120)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 1
+    assert text.index("importing torch and transformers") < text.index("data file not found")

@@ -142,7 +142,9 @@ def distill(
     from kdtool.trackers import require_installed
 
     require_installed(cfg.report_to)
-    from kdtool.trainer import train
+    # The next ~3 s are imports; on a terminal say so at once (transient: nothing is left in logs).
+    with err_console.status("importing torch and transformers"):
+        from kdtool.trainer import train
 
     root = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
     if os.environ.get("RANK", "0") == "0":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,7 +113,11 @@ class Trackio:
         self.trackio.finish()
 
 
-FACTORIES = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
+FACTORIES: dict[str, Callable[[Path, dict[str, Any], str], Tracker]] = {
+    "tensorboard": TensorBoard,
+    "wandb": WandB,
+    "trackio": Trackio,
+}
 
 
 class Trackers:
