@@ -38,16 +38,19 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from kdtool.divergence import kl
 from kdtool.objective import IGNORE_INDEX, Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 # --------------------------------------------------------------------------------------------
 # The math, on plain tensors. Per-token tensors are [B, T] (or flat [N]); mask marks tokens
@@ -353,6 +356,7 @@ def collate_rollouts(buffer: Buffer, rows: list[int], pad_id: int) -> dict[str, 
     targets = [
         torch.cat([torch.full_like(p, IGNORE_INDEX), r]) for p, r in zip(prompts, responses, strict=True)
     ]
+    pad_sequence = torch.nn.utils.rnn.pad_sequence
     out = {
         "input_ids": pad_sequence(seqs, batch_first=True, padding_value=pad_id),
         "attention_mask": pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True),

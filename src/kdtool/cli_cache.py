@@ -66,7 +66,9 @@ def cache_logits(
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Run the teacher once over the training data and store its top-k logits per response token."""
-    from kdtool.cache import CacheConfig, build_cache
+    # CacheConfig lives beside the torch code that builds the cache: say what the first seconds are for.
+    with Console(stderr=True).status("importing torch and transformers"):
+        from kdtool.cache import CacheConfig, build_cache
 
     flags: dict[str, Any] = dict(
         teacher=teacher,

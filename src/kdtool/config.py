@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import UserError
+
+# Default evaluation schedule (`DistillConfig.eval_schedule`): this many evals after step 0,
+# reading at most this share of the run's training micro-batches in held-out batches in all.
+EVALS_PER_RUN = 10
+EVAL_SHARE = 0.05
 
 
 class DistillConfig(BaseModel):
@@ -70,11 +75,43 @@ class DistillConfig(BaseModel):
     )
     # bookkeeping
     log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0, description="Steps between evals (default: 10 per run).")
-    eval_batches: int = Field(20, gt=0, description="Max held-out batches per eval.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Steps between evals (default: 10 per run, fewer for short runs)."
+    )
+    eval_batches: int | None = Field(
+        None,
+        gt=0,
+        description="Held-out batches per eval (default: what keeps evaluation at 5% of the run's micro-batches).",
+    )
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints (default: 5 per run).")
     keep_checkpoints: int = Field(2, gt=0)
     progress: bool = True
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers that also get every metrics.jsonl record: tensorboard, wandb, trackio (or none).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _parse_report_to(cls, value: Any) -> list[str]:
+        from kdtool.trackers import parse_report_to
+
+        return parse_report_to(value)
+
+    def eval_schedule(self, steps: int, held_out_batches: int) -> tuple[int, int]:
+        """``(eval_every, eval_batches)``: the given values, else defaults that spend at most
+        ``EVAL_SHARE`` of the run's training micro-batches on held-out batches.
+
+        An eval batch (one teacher and one student forward, no backward) costs at most about one
+        training micro-batch (the same forwards plus the student's backward), so this keeps
+        evaluation under ~10% of the wall time for runs of ≥ 40 micro-batches; shorter runs still
+        evaluate at step 0 and at the end.
+        """
+        budget = max(1, int(EVAL_SHARE * steps * self.grad_accum))  # held-out batches in the run
+        every = self.eval_every or max(1, steps // max(1, min(EVALS_PER_RUN, budget)))
+        evals = 1 + steps // every + (steps % every != 0)  # step 0, every `every` steps, the last
+        batches = self.eval_batches or max(1, min(budget // evals, held_out_batches))
+        return every, batches
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
