@@ -83,6 +83,9 @@ class CacheConfig(BaseModel):
     examples_per_shard: int | None = Field(
         None, gt=0, description="Examples per shard (default: about 256 MiB of rows at full length)."
     )
+    trust_remote_code: bool = Field(
+        False, description="Let a teacher whose config has an auto_map run its own Python code."
+    )
     progress: bool = True
 
     @model_validator(mode="after")
@@ -373,7 +376,7 @@ def build_cache(
 
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     examples = load_examples(
         cfg.data, cfg.prompt_field, cfg.response_field, cfg.skip_bad_lines, template=cfg.template()
     )
@@ -381,7 +384,8 @@ def build_cache(
     compute = (
         torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     )
-    model = load_model(cfg.teacher, device, compute).eval().requires_grad_(False)
+    model = load_model(cfg.teacher, device, compute, trust_remote_code=cfg.trust_remote_code)
+    model = model.eval().requires_grad_(False)
     vocab = len(tokenizer)
     if model.get_output_embeddings().weight.shape[0] < vocab:
         raise UserError(f"teacher output layer is smaller than its tokenizer ({vocab:,} tokens)")

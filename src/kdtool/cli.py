@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdtool.errors import UserError
+from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode
 
 app = typer.Typer(
     add_completion=False,
@@ -91,6 +92,7 @@ def distill(
     eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
     resume: Annotated[
         bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")
     ] = False,
@@ -128,6 +130,7 @@ def distill(
         eval_every=eval_every,
         save_every=save_every,
         progress=False if no_progress else None,
+        trust_remote_code=trust_remote_code,
         objective_options=parse_option_pairs(option),
     )
     cfg = resolve(config, flags)
@@ -159,6 +162,7 @@ def compare(
         int | None, Opt(help="CPU threads per run (OMP_NUM_THREADS); 1 suits tiny models.")
     ] = None,
     jobs: Annotated[int, Opt(help="Runs at once, each its own process (default 1: one after another).")] = 1,
+    trust_remote_code: TrustRemoteCode = None,
 ) -> None:
     """Run OBJECTIVES x SEEDS from the same student and budget, evaluate all, write a table and plots.
 
@@ -170,6 +174,9 @@ def compare(
     names = [o.strip() for o in objectives.split(",") if o.strip()]
     for name in names:
         get_class(name)  # unknown objective: one clear line before anything runs
+    if trust_remote_code:
+        # Every child `distill` and `eval rougel` reads its --trust-remote-code from the environment.
+        os.environ[REMOTE_CODE_ENV] = "1"
     spec = CompareSpec(
         objectives=names,
         seeds=parse_ints(seeds, "--seeds"),

@@ -68,6 +68,9 @@ class DistillConfig(BaseModel):
     teacher_device_map: str | None = Field(
         None, description="Place a teacher too big for one device with transformers' device_map (e.g. auto)."
     )
+    trust_remote_code: bool = Field(
+        False, description="Let models/tokenizers whose config has an auto_map run their own Python code."
+    )
     # bookkeeping
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Steps between evals (default: 10 per run).")

@@ -116,14 +116,15 @@ def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) 
 
 def setup_models(cfg: DistillConfig, tokenizer: Any, device: torch.device) -> tuple[Any, Any | None, int]:
     """Student (trainable) and teacher (eval mode, no grad; bf16 on CUDA), and their shared vocabulary."""
-    student = load_model(cfg.student, device)
+    trust = cfg.trust_remote_code
+    student = load_model(cfg.student, device, trust_remote_code=trust)
     teacher = None
     teacher_tok = None
     # A teacher given to an objective that does not train on it (sft) still measures held-out KL.
     if cfg.teacher and not cfg.teacher_cache:
-        teacher_tok = load_tokenizer(cfg.teacher)
+        teacher_tok = load_tokenizer(cfg.teacher, trust)
         teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map)
+        teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map, trust)
         teacher = teacher.eval().requires_grad_(False)
     vocab = shared_vocab_size(teacher_tok, tokenizer, teacher, student)
     return student, teacher, vocab
@@ -397,7 +398,7 @@ def _train(
     resuming = decision
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective, **cfg.objective_options)
-    tokenizer = load_tokenizer(cfg.student)
+    tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
     # Data first: a malformed line should stop the run before a large model is loaded.
     train_ds, eval_ds, report = setup_data(cfg, tokenizer)
     student, teacher, vocab = setup_models(cfg, tokenizer, device)

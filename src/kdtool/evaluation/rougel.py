@@ -190,7 +190,9 @@ def run_template(model_dir: str | Path) -> Any:
     return DEFAULT_TEMPLATE
 
 
-def load_for_eval(model_dir: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+def load_for_eval(
+    model_dir: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory (or hub id), with one-line errors."""
     from kdtool.models import load_model, load_tokenizer, resolve_device
 
@@ -202,8 +204,9 @@ def load_for_eval(model_dir: str, device: str = "auto", dtype: str = "auto") -> 
     dev = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    model = load_model(model_dir, device=dev, dtype=dtype)  # raises UserError when not a causal LM
-    return model, load_tokenizer(model_dir)
+    # raises UserError when not a causal LM, or when it needs its own code and is not trusted
+    model = load_model(model_dir, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(model_dir, trust_remote_code)
 
 
 def evaluate_model(
@@ -218,6 +221,7 @@ def evaluate_model(
     prompt_field: str | None = None,
     response_field: str | None = None,
     max_prompt_length: int | None = None,
+    trust_remote_code: bool = False,
     progress: Callable[[int | None, int], Callable[[int], None]] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -229,6 +233,7 @@ def evaluate_model(
         progress: given a seed and the number of examples, returns the callback advanced by the
             number of finished examples after each batch.
         on_note: receives one-line notes (e.g. how many prompts were truncated).
+        trust_remote_code: let a model whose config has an ``auto_map`` run its own code.
     """
     import torch
 
@@ -241,7 +246,7 @@ def evaluate_model(
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
         loaded = loaded[:limit]
-    model, tokenizer = load_for_eval(model_dir, device, dtype)
+    model, tokenizer = load_for_eval(model_dir, device, dtype, trust_remote_code)
     budget = prompt_budget(model, sampling.max_new_tokens, max_prompt_length)
     prompt_ids, n_cut = encode_prompts(tokenizer, [ex.prompt for ex in loaded], budget)
     if empty := [ex.index for ex, ids in zip(loaded, prompt_ids, strict=True) if not ids]:
