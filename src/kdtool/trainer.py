@@ -24,7 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from kdtool import checkpoint, distributed
-from kdtool.config import DistillConfig
+from kdtool.config import DistillConfig, read_config_file
 from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, load_examples, split_examples
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
@@ -88,19 +88,31 @@ def template_of(cfg: DistillConfig) -> Template:
     return Template(cfg.template_no_input or default.no_input, cfg.template_with_input or default.with_input)
 
 
-def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) -> bool:
-    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``."""
+def prepare_output(
+    cfg: DistillConfig, run: Run, resume: bool, overwrite: bool, console: Console | None = None
+) -> bool:
+    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``.
+
+    ``--resume`` on a run that wrote its config but no checkpoint yet (killed during start-up)
+    starts it afresh, with a notice on ``console``, when the config matches.
+    """
     if run.root.exists() and any(run.root.iterdir()):
         if overwrite:
             shutil.rmtree(run.root)
         elif resume:
-            if not run.config.is_file() or checkpoint.latest(run.checkpoints) is None:
-                raise UserError(f"--resume: {run.root} holds no kdtool checkpoint to resume from")
-            saved = yaml.safe_load(run.config.read_text())
+            if not run.config.is_file():
+                raise UserError(f"--resume: {run.root} holds no kdtool run to resume (no config.yaml)")
+            saved = read_config_file(run.config)
             now = cfg.model_dump(mode="json")
             changed = [k for k in IDENTITY_FIELDS if saved.get(k) != now.get(k)]
             if changed:
                 raise UserError(f"--resume: {run.root} was started with different {', '.join(changed)}")
+            if checkpoint.latest(run.checkpoints) is None:
+                if console is not None:
+                    console.print(
+                        f"--resume: {run.root} stopped before its first checkpoint; starting it afresh"
+                    )
+                return False
             return True
         elif run.config.is_file():
             raise UserError(
@@ -389,7 +401,7 @@ def _train(
     decision: bool | UserError = False
     if info.is_main:
         try:
-            decision = prepare_output(cfg, run, resume, overwrite)
+            decision = prepare_output(cfg, run, resume, overwrite, console)
         except UserError as exc:
             decision = exc
     decision = distributed.broadcast_object(decision, info)
