@@ -112,7 +112,9 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: {_unpickling_reason(exc)}") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable trainer state ({_first_line(exc)})") from exc
+        raise UserError(
+            f"{path}: not a readable trainer state (damaged or truncated: {_first_line(exc)})"
+        ) from exc
     if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
         raise UserError(f"{path}: not a kdtool trainer state (expected a dict with step, optimizer, rng)")
     return state
@@ -124,21 +126,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
-    """One line out of torch's multi-line ``weights_only`` refusal: which type was refused."""
-    for line in str(exc).splitlines():
-        if "Unsupported" in line:  # "WeightsUnpickler error: Unsupported global: GLOBAL os.system ..."
-            detail = line.split("error:", 1)[-1].split(" was not an allowed", 1)[0].strip()
-            what = detail.split("GLOBAL ", 1)[-1]  # e.g. "os.system"
-            return (
-                f"refused to load: it holds {what}, not only tensors and plain values "
-                "(a pickle can run code; nothing from it was run)"
-            )
-    return f"not a readable trainer state ({_first_line(exc)})"
+    """One line out of torch's multi-line ``weights_only`` refusal: which type was refused, or why
+    the bytes are not a pickle at all."""
+    # "... WeightsUnpickler error: Unsupported global: GLOBAL os.system was not an allowed global ..."
+    # or "... WeightsUnpickler error: \n\nUnsupported operand 205\n\nCheck the documentation ..."
+    flat = " ".join(str(exc).split())
+    detail = flat.split("WeightsUnpickler error:", 1)[-1]
+    detail = detail.split(" was not an allowed", 1)[0].split(" Check the documentation", 1)[0].strip()
+    if detail.startswith("Unsupported global"):
+        what = detail.split("GLOBAL ", 1)[-1]  # e.g. "os.system"
+        return (
+            f"refused to load: it holds {what}, not only tensors and plain values "
+            "(a pickle can run code; nothing from it was run)"
+        )
+    return f"not a readable trainer state (damaged, or not a torch.save file: {detail[:120]})"
 
 
 def load_student_state(checkpoint: Path) -> dict[str, Any]:
     """The student's weights as saved (tied output embeddings appear once; loading with
-    ``strict=False`` keeps the tie)."""
+    ``strict=False`` keeps the tie).
+
+    Raises:
+        UserError: a damaged or truncated ``model.safetensors`` (one line, with the path).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -100,9 +100,9 @@ def cache_logits(
         raise UserError(f"invalid cache-logits options: {format_validation_error(exc)}") from exc
     console = Console(stderr=True)
     out = build_cache(cfg, resume=resume, overwrite=overwrite, console=console)
-    import json
+    from kdtool.cache import read_manifest
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out / "manifest.json")
     Console().print(
         f"cached {manifest['num_tokens']:,} tokens of {manifest['num_examples']:,} examples in {out}: "
         f"k = {manifest['k']:,} of V = {manifest['vocab_size']:,}, {manifest['bytes_per_token']:,} bytes/token "

@@ -7,7 +7,6 @@ without it kdtool refuses in one line before transformers is asked, so transform
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtool.errors import UserError
+from kdtool.files import load_json
 
 DTYPES = {
     "float32": torch.float32,
@@ -74,12 +74,7 @@ def remote_code_declared(name_or_path: str) -> Path | None:
         path = _config_file(name_or_path, filename)
         if path is None:
             continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        config = load_json(path)
         if isinstance(config, dict) and config.get("auto_map"):
             return path
     return None
