@@ -86,8 +86,9 @@ def latest(directory: Path) -> Path | None:
 
 # Checkpoints written before the RNG state became plain lists hold numpy's keys as an array; these
 # four globals rebuild a plain numeric array and nothing else, so allowing them keeps those runs resumable.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (numpy>=1.26 allowed)
 _LEGACY_NUMPY = [
-    np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+    _NUMPY_CORE.multiarray._reconstruct,
     np.ndarray,
     np.dtype,
     type(np.dtype(np.uint32)),
