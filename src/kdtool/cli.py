@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
+from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode
 
 app = typer.Typer(
     add_completion=False,
@@ -98,6 +99,7 @@ def distill(
         Opt(help="Also log metrics to tensorboard, wandb and/or trackio (comma-separated), or none."),
     ] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
     resume: Annotated[
         bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")
     ] = False,
@@ -136,6 +138,7 @@ def distill(
         save_every=save_every,
         report_to=report_to,
         progress=False if no_progress else None,
+        trust_remote_code=trust_remote_code,
         objective_options=parse_option_pairs(option),
     )
     cfg = resolve(config, flags)  # no torch yet: a bad flag or config is reported at once
@@ -181,6 +184,7 @@ def compare(
         int | None, Opt(help="CPU threads per run (OMP_NUM_THREADS); 1 suits tiny models.")
     ] = None,
     jobs: Annotated[int, Opt(help="Runs at once, each its own process (default 1: one after another).")] = 1,
+    trust_remote_code: TrustRemoteCode = None,
 ) -> None:
     """Run OBJECTIVES x SEEDS from the same student and budget, evaluate all, write a table and plots.
 
@@ -192,6 +196,9 @@ def compare(
     names = [o.strip() for o in objectives.split(",") if o.strip()]
     for name in names:
         get_class(name)  # unknown objective: one clear line before anything runs
+    if trust_remote_code:
+        # Every child `distill` and `eval rougel` reads its --trust-remote-code from the environment.
+        os.environ[REMOTE_CODE_ENV] = "1"
     spec = CompareSpec(
         objectives=names,
         seeds=parse_ints(seeds, "--seeds"),
@@ -261,7 +268,7 @@ def main() -> None:
     except UserError as exc:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise
-        # escape: a message may hold brackets ("pip install 'kdtool[wandb]'") that rich reads as markup
+        # escape: a path like "data[1].jsonl" or "pip install 'kdtool[wandb]'" is text, not rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:

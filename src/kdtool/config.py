@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import UserError
+from kdtool.files import read_text
 
 # Default evaluation schedule (`DistillConfig.eval_schedule`): this many evals after step 0,
 # reading at most this share of the run's training micro-batches in held-out batches in all.
@@ -72,6 +73,9 @@ class DistillConfig(BaseModel):
     fsdp_teacher: bool = Field(False, description="Shard the teacher's blocks with FSDP2 under torchrun.")
     teacher_device_map: str | None = Field(
         None, description="Place a teacher too big for one device with transformers' device_map (e.g. auto)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let models/tokenizers whose config has an auto_map run their own Python code."
     )
     # bookkeeping
     log_every: int = Field(10, gt=0)
@@ -134,27 +138,55 @@ class DistillConfig(BaseModel):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (or ``.toml``) config file as ``{option_name: value}`` (``-`` in names read as ``_``).
+
+    Raises:
+        UserError: missing, unreadable or non-UTF-8 file, a syntax error (``path:line: reason``),
+            or anything but a mapping of names to values.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = read_text(path)
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        else:
-            data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot parse config: {exc}") from exc
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line N, column M)"
+        raise UserError(f"{path}: cannot parse TOML: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}{_yaml_where(exc)}: cannot parse YAML: {_yaml_reason(exc)}") from exc
+    except RecursionError as exc:
+        raise UserError(f"{path}: cannot parse config: nested too deeply") from exc
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(exc, "position", None)  # ReaderError (e.g. a control character): no line
+    return "" if position is None else f" (character {position})"
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines (context, a caret under the text): keep the reason."""
+    problem = getattr(exc, "problem", None)
+    if problem:
+        context = getattr(exc, "context", None)
+        return f"{problem} ({context})" if context else str(problem)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def format_validation_error(exc: ValidationError, file: str | Path | None = None, from_file: Any = ()) -> str:
+    """pydantic's errors on one line; an error in a field whose value came from ``file`` names it."""
     parts = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        msg = " ".join(e["msg"].removeprefix("Value error, ").split())
+        where = f"{file}: " if file is not None and e["loc"] and e["loc"][0] in from_file else ""
+        parts.append(f"{where}{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -163,12 +195,14 @@ def resolve(file: str | Path | None, flags: dict[str, Any]) -> DistillConfig:
     values = read_config_file(file) if file else {}
     options = dict(values.get("objective_options") or {})
     options.update(flags.pop("objective_options", None) or {})
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    from_file = set(values) - set(given)
+    values.update(given)
     values["objective_options"] = options
     try:
         return DistillConfig.model_validate(values)
     except ValidationError as exc:
-        raise UserError(f"invalid configuration: {format_validation_error(exc)}") from exc
+        raise UserError(f"invalid configuration: {format_validation_error(exc, file, from_file)}") from exc
 
 
 def save(config: DistillConfig, path: Path) -> None:

@@ -26,7 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from kdtool import checkpoint, distributed
-from kdtool.config import DistillConfig
+from kdtool.config import DistillConfig, read_config_file
 from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, load_examples, split_examples
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
@@ -92,19 +92,31 @@ def template_of(cfg: DistillConfig) -> Template:
     return Template(cfg.template_no_input or default.no_input, cfg.template_with_input or default.with_input)
 
 
-def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) -> bool:
-    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``."""
+def prepare_output(
+    cfg: DistillConfig, run: Run, resume: bool, overwrite: bool, console: Console | None = None
+) -> bool:
+    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``.
+
+    ``--resume`` on a run that wrote its config but no checkpoint yet (killed during start-up)
+    starts it afresh, with a notice on ``console``, when the config matches.
+    """
     if run.root.exists() and any(run.root.iterdir()):
         if overwrite:
             shutil.rmtree(run.root)
         elif resume:
-            if not run.config.is_file() or checkpoint.latest(run.checkpoints) is None:
-                raise UserError(f"--resume: {run.root} holds no kdtool checkpoint to resume from")
-            saved = yaml.safe_load(run.config.read_text())
+            if not run.config.is_file():
+                raise UserError(f"--resume: {run.root} holds no kdtool run to resume (no config.yaml)")
+            saved = read_config_file(run.config)
             now = cfg.model_dump(mode="json")
             changed = [k for k in IDENTITY_FIELDS if saved.get(k) != now.get(k)]
             if changed:
                 raise UserError(f"--resume: {run.root} was started with different {', '.join(changed)}")
+            if checkpoint.latest(run.checkpoints) is None:
+                if console is not None:
+                    console.print(
+                        f"--resume: {run.root} stopped before its first checkpoint; starting it afresh"
+                    )
+                return False
             return True
         elif run.config.is_file():
             raise UserError(
@@ -120,14 +132,15 @@ def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) 
 
 def setup_models(cfg: DistillConfig, tokenizer: Any, device: torch.device) -> tuple[Any, Any | None, int]:
     """Student (trainable) and teacher (eval mode, no grad; bf16 on CUDA), and their shared vocabulary."""
-    student = load_model(cfg.student, device)
+    trust = cfg.trust_remote_code
+    student = load_model(cfg.student, device, trust_remote_code=trust)
     teacher = None
     teacher_tok = None
     # A teacher given to an objective that does not train on it (sft) still measures held-out KL.
     if cfg.teacher and not cfg.teacher_cache:
-        teacher_tok = load_tokenizer(cfg.teacher)
+        teacher_tok = load_tokenizer(cfg.teacher, trust)
         teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map)
+        teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map, trust)
         teacher = teacher.eval().requires_grad_(False)
     vocab = shared_vocab_size(teacher_tok, tokenizer, teacher, student)
     return student, teacher, vocab
@@ -411,7 +424,7 @@ def _train(
     decision: bool | UserError = False
     if info.is_main:
         try:
-            decision = prepare_output(cfg, run, resume, overwrite)
+            decision = prepare_output(cfg, run, resume, overwrite, console)
         except UserError as exc:
             decision = exc
     decision = distributed.broadcast_object(decision, info)
@@ -420,7 +433,7 @@ def _train(
     resuming = decision
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective, **cfg.objective_options)
-    tokenizer = load_tokenizer(cfg.student)
+    tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
     # Data first: a malformed line should stop the run before a large model is loaded.
     train_ds, eval_ds, report = setup_data(cfg, tokenizer)
     student, teacher, vocab = setup_models(cfg, tokenizer, device)
