@@ -34,16 +34,20 @@ A reverse base would need the teacher everywhere the student has mass, so it ref
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import torch
 from pydantic import ConfigDict, Field
-from torch import Tensor
 
 from kdtool.divergence import kl, upcast
 from kdtool.errors import UserError
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 
 class ATKDOptions(ObjectiveOptions):

@@ -8,14 +8,16 @@ With a sparse teacher (top-k cache), p is the softmax of the k stored logits (ze
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import gather_target, kl, log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class ForwardKLOptions(ObjectiveOptions):

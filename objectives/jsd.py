@@ -5,14 +5,16 @@ M = β·p + (1 − β)·q,    JSD_β = β·KL(p ‖ M) + (1 − β)·KL(q ‖ M)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import kl, log_mix, log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class JSDOptions(ObjectiveOptions):

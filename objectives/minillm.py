@@ -34,20 +34,22 @@ sampled tokens' terms to the chunked engine as a token-level loss (``SampledToke
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 from kdtool.divergence import kl
 from kdtool.objective import IGNORE_INDEX, Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 # --------------------------------------------------------------------------------------------
 # The math, on plain tensors. Per-token tensors are [B, T] (or flat [N]); mask marks tokens
@@ -362,6 +364,7 @@ def collate_rollouts(buffer: Buffer, rows: list[int], pad_id: int) -> dict[str, 
     targets = [
         torch.cat([torch.full_like(p, IGNORE_INDEX), r]) for p, r in zip(prompts, responses, strict=True)
     ]
+    pad_sequence = torch.nn.utils.rnn.pad_sequence
     out = {
         "input_ids": pad_sequence(seqs, batch_first=True, padding_value=pad_id),
         "attention_mask": pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True),
@@ -671,21 +674,23 @@ def load_lm_examples(path: str | Path) -> list[Any]:
     """
     from kdtool.data import Example, load_examples
     from kdtool.errors import UserError
+    from kdtool.files import json_records, read_text
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"lm_data file not found: {path}")
     if path.suffix == ".txt":
-        docs = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs = [line for line in read_text(path).splitlines() if line.strip()]
     else:
-        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError:
-            record = None
-        if not (isinstance(record, dict) and "text" in record):
+        records = list(json_records(path))
+        first = records[0][1] if records else None
+        if not (isinstance(first, dict) and "text" in first):
             return load_examples(path)
-        docs = [json.loads(ln)["text"] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        docs = []
+        for where, record in records:
+            if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+                raise UserError(f"{where}: expected an object with a string field 'text' (as line 1)")
+            docs.append(record["text"])
     if not docs:
         raise UserError(f"{path}: no documents found")
     return [Example(prompt="", response=d, index=i) for i, d in enumerate(docs)]

@@ -7,14 +7,16 @@ Mode-seeking: the student is penalised for mass where the teacher has little.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import kl, log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class ReverseKLOptions(ObjectiveOptions):

@@ -7,13 +7,14 @@ The "SFT w/o KD" baseline, and how the demo trains its teacher.
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from kdtool.divergence import gather_target, log_softmax
 from kdtool.objective import Metrics, Objective, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class SFT(Objective):

@@ -6,14 +6,16 @@ SRKL_α = KL(q ‖ (1 − α)·p + α·q)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import kl, log_mix, log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class SkewOptions(ObjectiveOptions):

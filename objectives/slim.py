@@ -22,16 +22,20 @@ same k rule); log q is gathered at the k indices, so no dense teacher ``[N, V]``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import kl, upcast
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.sparse import DEFAULT_TOP_FRACTION, sparsify, student_log_probs_at, top_k_count
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 WeightRule = Literal["confidence_ratio", "teacher_prob", "constant"]
 

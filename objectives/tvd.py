@@ -5,14 +5,16 @@ TVD(p, q) = ½ Σ_v |p(v) − q(v)|
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
-from torch import Tensor
 
 from kdtool.divergence import log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class TVDOptions(ObjectiveOptions):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -124,5 +125,9 @@ def test_distill_cli_end_to_end_with_config_file(tiny_dir, tmp_path):
     assert saved["objective"] == "fkl" and saved["max_steps"] == 2 and saved["batch_size"] == 4
     assert saved["objective_options"] == {"temperature": 2.0, "ce_weight": 0.5}
     assert json.loads((out / "kdtool.json").read_text())["steps"] == 2
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"student written to .+ \(wall [\d.]+ s, of which evaluation [\d.]+ s \([\d.]+%\)\)", last
+    )
     again = kdtool(*distill_args(tiny_dir, out, "--max-steps", "1"))
     assert_one_line_error(again, "already holds a run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -88,8 +89,11 @@ def test_two_processes_equal_one_process_and_resume(tiny_dir, tmp_path, conf, st
     """2 ranks × batch 2 == 1 rank × batch 4 (same global batch), and a 2-rank checkpoint resumes."""
     reference = single(tiny_dir, tmp_path / "single", steps=4)
     out = tmp_path / strategy
-    first = torchrun(*common(tiny_dir, conf), *flags, "--output", str(out), "--max-steps", "2")
+    report = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    first = torchrun(*common(tiny_dir, conf), *flags, *report, "--output", str(out), "--max-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
+    if report:  # rank 0 alone reports: one event file, not one per rank
+        assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
     assert start["strategy"] == strategy and start["teacher_sharded"] == ("--fsdp-teacher" in flags)
@@ -338,7 +342,7 @@ def test_teacher_dtype_and_device_map_budget_on_cuda(tiny_dir, tmp_path, monkeyp
 
     loaded = []
 
-    def fake_load(path, device="cpu", dtype=None, device_map=None, max_memory=None):
+    def fake_load(path, device="cpu", dtype=None, device_map=None, trust_remote_code=False, max_memory=None):
         loaded.append((Path(path).name, dtype, device_map, max_memory))
         return load_model(path)
 

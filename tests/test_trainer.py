@@ -133,3 +133,44 @@ def test_output_dir_holding_another_run_is_refused(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="different objective"):
         trainer.train(cfg_for(tiny_dir, tmp_path / "run", objective="rkl", max_steps=1), resume=True)
     trainer.train(cfg_for(tiny_dir, tmp_path / "run", max_steps=1), overwrite=True)
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tiny_dir, tmp_path, monkeypatch):
+    """Killed during start-up (here: the first eval dies; no Ctrl-C, so nothing is saved)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kdtool.errors import UserError
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    real_evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train(cfg_for(tiny_dir, tmp_path / "run"))
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    with pytest.raises(UserError, match="different lr"):  # another run's config is still refused
+        trainer.train(cfg_for(tiny_dir, tmp_path / "run", lr=1e-3), resume=True)
+    notes = StringIO()
+    console = Console(file=notes, width=400)
+    resumed = trainer.train(cfg_for(tiny_dir, tmp_path / "run"), resume=True, console=console)
+    lines = [line for line in notes.getvalue().splitlines() if line.strip()]
+    assert lines == [f"--resume: {tmp_path / 'run'} stopped before its first checkpoint; starting it afresh"]
+    straight = trainer.train(cfg_for(tiny_dir, tmp_path / "straight"))
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "start" for r in records) == 1  # one log, from the fresh start
+
+
+def test_resume_of_a_directory_that_is_no_run_is_refused(tiny_dir, tmp_path):
+    from kdtool.errors import UserError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no kdtool run to resume"):
+        trainer.train(cfg_for(tiny_dir, tmp_path / "run"), resume=True)

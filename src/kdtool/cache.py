@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -43,6 +43,7 @@ from kdtool.data import (
     load_examples,
 )
 from kdtool.errors import UserError
+from kdtool.files import load_json
 from kdtool.sparse import DEFAULT_TOP_FRACTION, top_k_count, top_k_logits
 from kdtool.teacher import TeacherSignal
 
@@ -82,6 +83,9 @@ class CacheConfig(BaseModel):
     )
     examples_per_shard: int | None = Field(
         None, gt=0, description="Examples per shard (default: about 256 MiB of rows at full length)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let a teacher whose config has an auto_map run its own Python code."
     )
     progress: bool = True
 
@@ -340,7 +344,7 @@ def _prepare_output(
     if out.exists() and any(out.iterdir()) and not overwrite:
         if not manifest_path.is_file():
             raise UserError(f"output directory {out} is not empty and holds no cache; pass --overwrite")
-        old = json.loads(manifest_path.read_text())
+        old = read_manifest(manifest_path)
         if not resume:
             state = "a complete" if old.get("complete") else "an unfinished"
             raise UserError(
@@ -382,7 +386,7 @@ def build_cache(
 
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     examples = load_examples(
         cfg.data, cfg.prompt_field, cfg.response_field, cfg.skip_bad_lines, template=cfg.template()
     )
@@ -390,7 +394,8 @@ def build_cache(
     compute = (
         torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else None
     )
-    model = load_model(cfg.teacher, device, compute).eval().requires_grad_(False)
+    model = load_model(cfg.teacher, device, compute, trust_remote_code=cfg.trust_remote_code)
+    model = model.eval().requires_grad_(False)
     vocab = len(tokenizer)
     if model.get_output_embeddings().weight.shape[0] < vocab:
         raise UserError(f"teacher output layer is smaller than its tokenizer ({vocab:,} tokens)")
@@ -456,6 +461,43 @@ def build_cache(
     return out
 
 
+# The fields a reader relies on, and their JSON types.
+MANIFEST_FIELDS: dict[str, type] = {"format": str, "vocab_size": int, "k": int, "value_dtype": str}
+TYPE_NAMES = {str: "a string", int: "an integer"}
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A cache's ``manifest.json``, checked enough that reading the cache cannot fail on it.
+
+    Raises:
+        UserError: unreadable, not JSON, or a field missing or of the wrong type (``path: reason``).
+    """
+    manifest = load_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:  # another format: the caller says so; nothing else to check
+        return manifest
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise UserError(f"{path}: field {key!r} is missing or not {TYPE_NAMES[kind]}")
+    if manifest.get("complete"):
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(_is_shard_entry(s) for s in shards):
+            raise UserError(f"{path}: field 'shards' must be a list of {{'file': name, ...}} in the cache")
+    return manifest
+
+
+def _is_shard_entry(entry: Any) -> bool:
+    # a plain file name: a manifest must not point the reader outside its own directory
+    name = entry.get("file") if isinstance(entry, dict) else None
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _version() -> str:
     from kdtool import __version__
 
@@ -503,10 +545,9 @@ class TeacherCache:
         self.k: int = manifest["k"]
         self._handles: dict[int, Any] = {}
         shard_of, start, count, hashes = [], [], [], []
-        for i, shard in enumerate(manifest["shards"]):
-            with safe_open(str(root / shard["file"]), "pt") as f:
-                counts = f.get_tensor("counts").tolist()
-                hashes.extend(f.get_tensor("token_hash").tolist())
+        for i in range(len(manifest["shards"])):
+            counts, shard_hashes = self._shard_index(i)
+            hashes.extend(shard_hashes)
             offsets = [0]
             for c in counts[:-1]:
                 offsets.append(offsets[-1] + c)
@@ -527,7 +568,7 @@ class TeacherCache:
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise UserError(f"--teacher-cache {root}: no {MANIFEST} (build one with `kdtool cache-logits`)")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         if manifest.get("format") != FORMAT:
             raise UserError(f"--teacher-cache {root}: unknown cache format {manifest.get('format')!r}")
         if not manifest.get("complete"):
@@ -557,12 +598,36 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self._count)
 
+    def _shard_path(self, i: int) -> Path:
+        return self.root / self.manifest["shards"][i]["file"]
+
+    def _shard_index(self, i: int) -> tuple[list[int], list[int]]:
+        """Response tokens and token hash per example of shard ``i`` (one line per damaged shard)."""
+        try:
+            f = self._shard(i)
+            return f.get_tensor("counts").tolist(), f.get_tensor("token_hash").tolist()
+        except SafetensorError as exc:
+            raise UserError(f"{self._shard_path(i)}: {_first_line(exc)}") from exc
+
     def _shard(self, i: int) -> Any:
         if i not in self._handles:
-            self._handles[i] = safe_open(str(self.root / self.manifest["shards"][i]["file"]), "pt")
+            path = self._shard_path(i)
+            try:
+                self._handles[i] = safe_open(str(path), "pt")
+            except FileNotFoundError as exc:
+                raise UserError(f"{path}: shard listed in {MANIFEST} is missing") from exc
+            except (SafetensorError, OSError) as exc:
+                raise UserError(f"{path}: not a readable safetensors shard ({_first_line(exc)})") from exc
         return self._handles[i]
 
     def rows(self, example: int) -> tuple[Tensor, Tensor, Tensor]:
+        try:
+            return self._rows(example)
+        except SafetensorError as exc:  # e.g. a shard truncated after it was opened
+            path = self._shard_path(self._shard_of[example])
+            raise UserError(f"{path}: {_first_line(exc)}") from exc
+
+    def _rows(self, example: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(values [n, k], indices [n, k], log_normalizer [n])`` of one example: values in their
         stored float dtype (q8 decoded to fp32), indices in their stored integer dtype."""
         f = self._shard(self._shard_of[example])

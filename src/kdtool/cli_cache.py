@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from kdtool.errors import UserError
+from kdtool.options import TrustRemoteCode
 
 Opt = typer.Option
 
@@ -26,6 +27,7 @@ SHARED_FIELDS = (
     "template_no_input",
     "template_with_input",
     "device",
+    "trust_remote_code",
 )
 
 
@@ -64,9 +66,12 @@ def cache_logits(
     resume: Annotated[bool, Opt("--resume", help="Finish an interrupted cache (same settings).")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace whatever is in --output.")] = False,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
 ) -> None:
     """Run the teacher once over the training data and store its top-k logits per response token."""
-    from kdtool.cache import CacheConfig, build_cache
+    # CacheConfig lives beside the torch code that builds the cache: say what the first seconds are for.
+    with Console(stderr=True).status("importing torch and transformers"):
+        from kdtool.cache import CacheConfig, build_cache
 
     flags: dict[str, Any] = dict(
         teacher=teacher,
@@ -85,6 +90,7 @@ def cache_logits(
         value_dtype=value_dtype,
         examples_per_shard=examples_per_shard,
         progress=False if no_progress else None,
+        trust_remote_code=trust_remote_code,
     )
     values = _from_config_file(config) if config else {}
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -96,9 +102,9 @@ def cache_logits(
         raise UserError(f"invalid cache-logits options: {format_validation_error(exc)}") from exc
     console = Console(stderr=True)
     out = build_cache(cfg, resume=resume, overwrite=overwrite, console=console)
-    import json
+    from kdtool.cache import read_manifest
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out / "manifest.json")
     Console().print(
         f"cached {manifest['num_tokens']:,} tokens of {manifest['num_examples']:,} examples in {out}: "
         f"k = {manifest['k']:,} of V = {manifest['vocab_size']:,}, {manifest['bytes_per_token']:,} bytes/token "

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdtool.errors import UserError
+from kdtool.options import TrustRemoteCode
 
 eval_app = typer.Typer(
     no_args_is_help=True, help="Evaluate a model or a predictions file (Rouge-L, MiniLLM protocol)."
@@ -65,6 +66,7 @@ def rougel(
         int | None, Opt(min=1, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU).")
     ] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
 ) -> None:
     """Rouge-L (and exact match) of a predictions file, or of a model's sampled responses on --data."""
     from kdtool.evaluation.rougel import evaluate_model, score_predictions_file, write_result
@@ -97,6 +99,7 @@ def rougel(
                 prompt_field=prompt_field,
                 response_field=response_field,
                 max_prompt_length=max_prompt_length,
+                trust_remote_code=bool(trust_remote_code),
                 progress=_seed_tasks(bar),
                 on_note=lambda note: err_console.print(f"[yellow]note:[/] {note}", highlight=False),
             )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from kdtool.compare_report import aggregate, plot, print_table, report_markdown
 from kdtool.errors import UserError
 
 ROUGE_FILE = "rougel.json"
@@ -47,6 +47,14 @@ class CompareSpec:
     greedy: bool = False
     threads: int | None = None  # torch CPU threads of every child process (1 is fastest for tiny models)
     jobs: int = 1  # child processes at once; does not change any result, so not part of the identity
+    # objective -> objective whose same-seed final student it starts from (MiniLLM starts from SFT)
+    init_from: dict[str, str] = field(default_factory=dict)
+    baseline: str | None = "sft"  # paired differences in the report are taken to this objective
+    primary_metric: str = "rougeL"  # sorts the table and the bar plot
+    # `python -m MODULE --model M --data EVAL --rougel R --output OUT` writes a flat JSON of extra metrics
+    metrics_module: str | None = None
+    # objective -> extra distill flags after distill_args (they win), e.g. a shorter minillm phase
+    objective_args: dict[str, list[str]] = field(default_factory=dict)
 
 
 def identity(settings: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +145,27 @@ def read_run(run: Path) -> dict[str, Any]:
     }
 
 
-def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path) -> list[str]:
+def check_init_from(spec: CompareSpec) -> None:
+    for objective, source in spec.init_from.items():
+        if objective not in spec.objectives or source not in spec.objectives:
+            raise UserError(
+                f"--init-from {objective}={source}: both must be in --objectives ({', '.join(spec.objectives)})"
+            )
+        if source in spec.init_from:
+            raise UserError(f"--init-from {objective}={source}: {source} itself starts from another run")
+
+
+def run_dir(root: Path, objective: str, seed: int) -> Path:
+    return root / "runs" / f"{objective}-seed{seed}"
+
+
+def initial_student(spec: CompareSpec, objective: str, seed: int, root: Path) -> str:
+    """The checkpoint a run starts from: the shared student, or another objective's same-seed result."""
+    source = spec.init_from.get(objective)
+    return spec.student if source is None else str(run_dir(root, source, seed))
+
+
+def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path, student: str) -> list[str]:
     cmd = kdtool_cmd(
         "distill",
         "--objective",
@@ -145,7 +173,7 @@ def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path) -> list
         "--teacher",
         spec.teacher,
         "--student",
-        spec.student,
+        student,
         "--data",
         spec.data,
         "--eval-data",
@@ -160,20 +188,41 @@ def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path) -> list
         cmd += ["--config", spec.config]
     for key, value in spec.objective_options.get(objective, {}).items():
         cmd += ["--option", f"{key}={json.dumps(value)}"]
-    return cmd + spec.distill_args
+    return cmd + spec.distill_args + spec.objective_args.get(objective, [])
+
+
+def metrics_cmd(spec: CompareSpec, model: str, rouge: Path, out: Path) -> list[str]:
+    assert spec.metrics_module is not None
+    return [sys.executable, "-m", spec.metrics_module, "--model", model, "--data", spec.eval_data,
+            "--rougel", str(rouge), "--output", str(out)]  # fmt: skip
+
+
+def extra_metrics(spec: CompareSpec, model: str, rouge: Path, out: Path, log: Path) -> dict[str, Any]:
+    """The metrics module's flat JSON for one model (computed once, then read back)."""
+    if spec.metrics_module is None:
+        return {}
+    if not out.is_file():
+        code, last = run_logged(metrics_cmd(spec, model, rouge, out), log, spec.threads)
+        if code != 0:
+            return {"status": "failed", "error": f"{spec.metrics_module} exited {code}: {last}"}
+    return dict(json.loads(out.read_text()))
 
 
 def train_and_eval(spec: CompareSpec, objective: str, seed: int, root: Path) -> dict[str, Any]:
-    run = root / "runs" / f"{objective}-seed{seed}"
+    run = run_dir(root, objective, seed)
+    student = initial_student(spec, objective, seed, root)
     record: dict[str, Any] = {
         "objective": objective,
         "seed": seed,
         "run": str(run),
+        "init": spec.init_from.get(objective) and f"{spec.init_from[objective]}-seed{seed}",
         "options": spec.objective_options.get(objective, {}),
     }
     log = root / "logs" / f"{objective}-seed{seed}.log"
+    if objective in spec.init_from and not (Path(student) / "kdtool.json").is_file():
+        return {**record, "status": "failed", "error": f"its initial student {student} did not finish"}
     if not (run / "kdtool.json").is_file():
-        cmd = distill_cmd(spec, objective, seed, run)
+        cmd = distill_cmd(spec, objective, seed, run, student)
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
             cmd.append("--resume")  # interrupted earlier: continue it
         elif run.exists():
@@ -187,7 +236,8 @@ def train_and_eval(spec: CompareSpec, objective: str, seed: int, root: Path) -> 
         code, last = run_logged(eval_cmd(spec, str(run), rouge), log, spec.threads)
         if code != 0:
             return {**record, "status": "failed", "error": f"eval exited {code}: {last}"}
-    return {**record, **read_rouge(rouge), "status": "ok"}
+    extra = extra_metrics(spec, str(run), rouge, run / "metrics.json", log)
+    return {**record, **read_rouge(rouge), "status": "ok", **extra}
 
 
 def reference(spec: CompareSpec, name: str, model: str, root: Path) -> dict[str, Any]:
@@ -199,159 +249,9 @@ def reference(spec: CompareSpec, name: str, model: str, root: Path) -> dict[str,
         )
         if code != 0:
             return {"objective": name, "status": "failed", "error": f"eval exited {code}: {last}"}
-    return {"objective": name, "status": "ok", **read_rouge(out)}
-
-
-def mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.fmean(values) if values else None
-
-
-def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per objective: Rouge-L mean ± std over seeds (of the per-seed means), sorted best first."""
-    rows = []
-    for objective in dict.fromkeys(r["objective"] for r in results):
-        ok = [r for r in results if r["objective"] == objective and r["status"] == "ok"]
-        failed = [r for r in results if r["objective"] == objective and r["status"] != "ok"]
-        scores = [r["rougeL"] for r in ok]
-        rows.append(
-            {
-                "objective": objective,
-                "seeds": len(ok),
-                "failed": len(failed),
-                "rougeL": statistics.fmean(scores) if scores else None,
-                "rougeL_std": statistics.stdev(scores)
-                if len(scores) > 1
-                else (ok[0]["rougeL_std"] if ok else None),
-                "exact_match": mean_of(ok, "exact_match"),
-                "eval_ce": mean_of(ok, "eval_ce"),
-                "eval_fkl": mean_of(ok, "eval_fkl"),
-                "wall_time_s": mean_of(ok, "wall_time_s"),
-                "tokens_per_s": mean_of(ok, "tokens_per_s"),
-                "peak_rss_mb": mean_of(ok, "peak_rss_mb"),
-            }
-        )
-    return sorted(rows, key=lambda r: -1.0 if r["rougeL"] is None else r["rougeL"], reverse=True)
-
-
-def fmt(value: Any, spec: str = ".2f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def report_markdown(
-    spec: CompareSpec,
-    rows: list[dict[str, Any]],
-    refs: list[dict[str, Any]],
-    results: list[dict[str, Any]],
-    elapsed: float,
-) -> str:
-    seeds_note = "std over training seeds" if len(spec.seeds) > 1 else "std over generation seeds"
-    lines = [
-        "# kdtool compare",
-        "",
-        f"- teacher `{spec.teacher}`, student `{spec.student}`, data `{spec.data}`, eval `{spec.eval_data}`",
-        f"- objectives {', '.join(spec.objectives)}; training seeds {spec.seeds}; distill flags "
-        f"`{' '.join(spec.distill_args) or '(defaults)'}`"
-        + (f", config `{spec.config}`" if spec.config else ""),
-        f"- Rouge-L (MiniLLM protocol): generation seeds {spec.eval_seeds}, "
-        f"{'greedy' if spec.greedy else 'sampling at temperature 1'}, max {spec.max_new_tokens} new tokens"
-        + (f", first {spec.eval_limit} examples" if spec.eval_limit else ""),
-        f"- total wall time {elapsed / 60:.1f} min",
-        "",
-        f"| # | objective | Rouge-L (mean ± {seeds_note}) | exact match | eval CE | KL(teacher‖student) | wall s | tok/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(rows, 1):
-        lines.append(
-            f"| {i} | {r['objective']} | {fmt(r['rougeL'])} ± {fmt(r['rougeL_std'])} | {fmt(r['exact_match'])} | "
-            f"{fmt(r['eval_ce'], '.3f')} | {fmt(r['eval_fkl'], '.4f')} | {fmt(r['wall_time_s'], '.0f')} | "
-            f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['peak_rss_mb'], ',.0f')} |"
-        )
-    for ref in refs:
-        lines.append(
-            f"| ref | {ref['objective']} | {fmt(ref.get('rougeL'))} ± {fmt(ref.get('rougeL_std'))} | "
-            f"{fmt(ref.get('exact_match'))} | | | | | |"
-        )
-    failed = [r for r in results if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed runs", ""] + [
-            f"- {r['objective']} seed {r['seed']}: {r['error']}" for r in failed
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(
-    rows: list[dict[str, Any]], results: list[dict[str, Any]], refs: list[dict[str, Any]], root: Path
-) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["rougeL"] is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(done) + 2), 4))
-    ax.bar(
-        [r["objective"] for r in done],
-        [r["rougeL"] for r in done],
-        yerr=[r["rougeL_std"] or 0 for r in done],
-        capsize=4,
-        color="tab:blue",
-    )
-    for ref, style in zip(refs, ("--", ":"), strict=False):
-        if ref.get("rougeL") is not None:
-            ax.axhline(ref["rougeL"], linestyle=style, color="gray", label=ref["objective"])
-    ax.set_ylabel("Rouge-L")
-    ax.set_title("Rouge-L per objective (mean ± std)")
-    ax.legend()
-    fig.tight_layout()
-    bars = root / "rougel.png"
-    fig.savefig(bars, dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        metrics = Path(r["run"]) / "metrics.jsonl"
-        if r["status"] != "ok" or not metrics.is_file():
-            continue
-        evals = [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_ce" in m]
-        ax.plot(
-            [m["step"] for m in evals], [m["eval_ce"] for m in evals], label=f"{r['objective']} s{r['seed']}"
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out cross-entropy / token")
-    ax.set_title("Training curves")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    curves = root / "curves.png"
-    fig.savefig(curves, dpi=120)
-    plt.close(fig)
-    return [bars, curves]
-
-
-def print_table(rows: list[dict[str, Any]], refs: list[dict[str, Any]], console: Console) -> None:
-    table = Table(title="kdtool compare (sorted by Rouge-L)")
-    for col in ("objective", "Rouge-L", "± std", "exact match", "eval CE", "KL(t‖s)", "wall s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["objective"],
-            fmt(r["rougeL"]),
-            fmt(r["rougeL_std"]),
-            fmt(r["exact_match"]),
-            fmt(r["eval_ce"], ".3f"),
-            fmt(r["eval_fkl"], ".4f"),
-            fmt(r["wall_time_s"], ".0f"),
-        )
-    for ref in refs:
-        table.add_row(
-            f"[dim]{ref['objective']} (reference)",
-            fmt(ref.get("rougeL")),
-            fmt(ref.get("rougeL_std")),
-            fmt(ref.get("exact_match")),
-            "",
-            "",
-            "",
-        )
-    console.print(table)
+    log = root / "logs" / f"reference-{name}.log"
+    extra = extra_metrics(spec, model, out, out.with_name(f"{name}-metrics.json"), log)
+    return {"objective": name, "status": "ok", **read_rouge(out), **extra}
 
 
 def run_compare(spec: CompareSpec, console: Console | None = None) -> Path:
@@ -364,28 +264,40 @@ def run_compare(spec: CompareSpec, console: Console | None = None) -> Path:
         raise UserError(f"{root} holds a comparison with other settings; choose another --output")
     for sub in ("runs", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    check_init_from(spec)
     spec_file.write_text(json.dumps(asdict(spec), indent=2))
     started = time.perf_counter()
     jobs = [(o, s) for o in spec.objectives for s in spec.seeds]
     results: list[dict[str, Any]] = [{} for _ in jobs]
+    finished = {job: threading.Event() for job in jobs}
     done = 0
 
     def one(i: int) -> tuple[int, dict[str, Any], float]:
+        objective, seed = jobs[i]
+        if objective in spec.init_from:  # wait for the run it starts from (submitted before it)
+            finished[(spec.init_from[objective], seed)].wait()
         t0 = time.perf_counter()
-        return i, train_and_eval(spec, *jobs[i], root), time.perf_counter() - t0
+        try:
+            return i, train_and_eval(spec, objective, seed, root), time.perf_counter() - t0
+        finally:
+            finished[jobs[i]].set()
+
+    # Runs that others start from go first, so a worker never waits on a run that no worker holds.
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] in spec.init_from)
 
     label = "training and evaluating" + (f" ({spec.jobs} at a time)" if spec.jobs > 1 else "")
     with (
         console.status(f"{len(jobs)} run(s): {label}") as status,
         ThreadPoolExecutor(max_workers=spec.jobs) as pool,
     ):
-        for future in as_completed([pool.submit(one, i) for i in range(len(jobs))]):
+        for future in as_completed([pool.submit(one, i) for i in order]):
             i, result, seconds = future.result()
             results[i] = result
             done += 1
             objective, seed = jobs[i]
             state = "[green]ok" if result["status"] == "ok" else f"[red]failed[/]: {result['error']}"
-            score = f" Rouge-L {result['rougeL']:.2f}" if result["status"] == "ok" else ""
+            metric = spec.primary_metric
+            score = f" {metric} {result[metric]:.2f}" if isinstance(result.get(metric), float) else ""
             console.print(f"[{done}/{len(jobs)}] {objective} seed {seed}: {state}{score} ({seconds:.0f} s)")
             status.update(f"{len(jobs) - done} run(s) left: {label}")
     with (
@@ -398,13 +310,13 @@ def run_compare(spec: CompareSpec, console: Console | None = None) -> Path:
                 [("teacher", spec.teacher), ("student (no distillation)", spec.student)],
             )
         )
-    rows = aggregate(results)
+    rows = aggregate(results, spec.primary_metric)
     elapsed = time.perf_counter() - started
     (root / "results.json").write_text(
         json.dumps({"runs": results, "summary": rows, "reference": refs, "spec": asdict(spec)}, indent=2)
     )
     (root / "report.md").write_text(report_markdown(spec, rows, refs, results, elapsed))
-    plot(rows, results, refs, root)
-    print_table(rows, refs, console)
+    plot(rows, results, refs, root, spec.primary_metric)
+    print_table(rows, refs, console, spec.primary_metric)
     console.print(f"report: {root / 'report.md'}  results: {root / 'results.json'}  plots: {root}/*.png")
     return root

@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import UserError
+from kdtool.files import read_text
+
+# Default evaluation schedule (`DistillConfig.eval_schedule`): this many evals after step 0,
+# reading at most this share of the run's training micro-batches in held-out batches in all.
+EVALS_PER_RUN = 10
+EVAL_SHARE = 0.05
 
 
 class DistillConfig(BaseModel):
@@ -74,13 +80,48 @@ class DistillConfig(BaseModel):
         description="Timeout of every collective under torchrun (NCCL's default of 10 min is shorter than "
         "rank 0 writing a large checkpoint while the others wait).",
     )
+    trust_remote_code: bool = Field(
+        False, description="Let models/tokenizers whose config has an auto_map run their own Python code."
+    )
     # bookkeeping
     log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0, description="Steps between evals (default: 10 per run).")
-    eval_batches: int = Field(20, gt=0, description="Max held-out batches per eval.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Steps between evals (default: 10 per run, fewer for short runs)."
+    )
+    eval_batches: int | None = Field(
+        None,
+        gt=0,
+        description="Held-out batches per eval (default: what keeps evaluation at 5% of the run's micro-batches).",
+    )
     save_every: int | None = Field(None, gt=0, description="Steps between checkpoints (default: 5 per run).")
     keep_checkpoints: int = Field(2, gt=0)
     progress: bool = True
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers that also get every metrics.jsonl record: tensorboard, wandb, trackio (or none).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _parse_report_to(cls, value: Any) -> list[str]:
+        from kdtool.trackers import parse_report_to
+
+        return parse_report_to(value)
+
+    def eval_schedule(self, steps: int, held_out_batches: int) -> tuple[int, int]:
+        """``(eval_every, eval_batches)``: the given values, else defaults that spend at most
+        ``EVAL_SHARE`` of the run's training micro-batches on held-out batches.
+
+        An eval batch (one teacher and one student forward, no backward) costs at most about one
+        training micro-batch (the same forwards plus the student's backward), so this keeps
+        evaluation under ~10% of the wall time for runs of ≥ 40 micro-batches; shorter runs still
+        evaluate at step 0 and at the end.
+        """
+        budget = max(1, int(EVAL_SHARE * steps * self.grad_accum))  # held-out batches in the run
+        every = self.eval_every or max(1, steps // max(1, min(EVALS_PER_RUN, budget)))
+        evals = 1 + steps // every + (steps % every != 0)  # step 0, every `every` steps, the last
+        batches = self.eval_batches or max(1, min(budget // evals, held_out_batches))
+        return every, batches
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -103,27 +144,55 @@ class DistillConfig(BaseModel):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (or ``.toml``) config file as ``{option_name: value}`` (``-`` in names read as ``_``).
+
+    Raises:
+        UserError: missing, unreadable or non-UTF-8 file, a syntax error (``path:line: reason``),
+            or anything but a mapping of names to values.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = read_text(path)
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        else:
-            data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot parse config: {exc}") from exc
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line N, column M)"
+        raise UserError(f"{path}: cannot parse TOML: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}{_yaml_where(exc)}: cannot parse YAML: {_yaml_reason(exc)}") from exc
+    except RecursionError as exc:
+        raise UserError(f"{path}: cannot parse config: nested too deeply") from exc
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(exc, "position", None)  # ReaderError (e.g. a control character): no line
+    return "" if position is None else f" (character {position})"
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines (context, a caret under the text): keep the reason."""
+    problem = getattr(exc, "problem", None)
+    if problem:
+        context = getattr(exc, "context", None)
+        return f"{problem} ({context})" if context else str(problem)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def format_validation_error(exc: ValidationError, file: str | Path | None = None, from_file: Any = ()) -> str:
+    """pydantic's errors on one line; an error in a field whose value came from ``file`` names it."""
     parts = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        msg = " ".join(e["msg"].removeprefix("Value error, ").split())
+        where = f"{file}: " if file is not None and e["loc"] and e["loc"][0] in from_file else ""
+        parts.append(f"{where}{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -132,12 +201,14 @@ def resolve(file: str | Path | None, flags: dict[str, Any]) -> DistillConfig:
     values = read_config_file(file) if file else {}
     options = dict(values.get("objective_options") or {})
     options.update(flags.pop("objective_options", None) or {})
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    from_file = set(values) - set(given)
+    values.update(given)
     values["objective_options"] = options
     try:
         return DistillConfig.model_validate(values)
     except ValidationError as exc:
-        raise UserError(f"invalid configuration: {format_validation_error(exc)}") from exc
+        raise UserError(f"invalid configuration: {format_validation_error(exc, file, from_file)}") from exc
 
 
 def save(config: DistillConfig, path: Path) -> None:

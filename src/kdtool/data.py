@@ -11,7 +11,6 @@ Files are JSONL (one object per line) or a JSON array.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kdtool.errors import UserError
+from kdtool.files import field_names, json_records
 
 IGNORE_INDEX = -100
 
@@ -92,32 +92,19 @@ class LoadReport:
     bad_lines: list[str] = field(default_factory=list)
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) pairs; location is ``file:line`` or ``file:item N``."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-        for i, item in enumerate(items):
-            yield f"{path}:item {i}", item
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{lineno}", ValueError(f"not valid JSON ({exc.msg})")
-
-
 def _text(record: dict[str, Any], key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):
         raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
     return value
+
+
+def _extra(record: dict[str, Any], *keys: str) -> str:
+    """The first present optional text field (alpaca ``input``, dolly ``context``), else ``""``."""
+    for key in keys:
+        if record.get(key):
+            return _text(record, key)
+    return ""
 
 
 def _parse(
@@ -134,10 +121,10 @@ def _parse(
         )
         for key in (p_key, r_key):
             if key not in record:
-                raise ValueError(f"missing field {key!r} (has: {', '.join(record)})")
+                raise ValueError(f"missing field {key!r} (has: {field_names(record)})")
         prompt = _text(record, p_key)
         if p_key == "instruction":
-            prompt = template.format(prompt, record.get("input") or record.get("context") or "")
+            prompt = template.format(prompt, _extra(record, "input", "context"))
         return [Example(prompt, _text(record, r_key))]
     if "instances" in record and "instruction" in record:  # self-instruct
         instances = record["instances"]
@@ -147,14 +134,11 @@ def _parse(
         for inst in instances:
             if not isinstance(inst, dict) or "output" not in inst:
                 raise ValueError("each instance needs an 'output'")
-            out.append(
-                Example(
-                    template.format(_text(record, "instruction"), inst.get("input") or ""), inst["output"]
-                )
-            )
+            prompt = template.format(_text(record, "instruction"), _extra(inst, "input"))
+            out.append(Example(prompt, _text(inst, "output")))
         return out
     if "instruction" in record:
-        extra = record.get("input") or record.get("context") or ""
+        extra = _extra(record, "input", "context")
         response_key = next((k for k in ("output", "response", "completion") if k in record), None)
         if response_key is None:
             raise ValueError("missing field 'output' (alpaca) or 'response' (dolly)")
@@ -171,7 +155,7 @@ def _parse(
     raise ValueError(
         "unrecognised record: expected alpaca (instruction/output), dolly (instruction/response), "
         "prompt/response or self-instruct (instruction/instances) fields; "
-        f"got {', '.join(record) or 'no fields'} (use --prompt-field/--response-field)"
+        f"got {field_names(record)} (use --prompt-field/--response-field)"
     )
 
 
@@ -186,14 +170,17 @@ def load_examples(
     """Load and template every example of a JSONL / JSON-array file.
 
     Raises:
-        UserError: missing file, or a malformed record (``file:line: reason``) unless
-            ``skip_bad_lines``, in which case bad lines are counted in ``report``.
+        UserError: missing, unreadable or non-UTF-8 file, a broken JSON array, or a malformed
+            record (``file:line: reason``) unless ``skip_bad_lines``, in which case bad lines
+            are counted in ``report``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; --data expects a JSONL or JSON file")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     examples: list[Example] = []
-    for where, record in _read_records(path):
+    for where, record in json_records(path):
         try:
             examples.extend(_parse(record, template, prompt_field, response_field))
         except ValueError as exc:

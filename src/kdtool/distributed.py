@@ -196,7 +196,11 @@ def shard_teacher(teacher: nn.Module) -> TeacherForward:
 
 
 def load_sharded_teacher(
-    name_or_path: str, dtype: torch.dtype, info: DistInfo, device: torch.device
+    name_or_path: str,
+    dtype: torch.dtype,
+    info: DistInfo,
+    device: torch.device,
+    trust_remote_code: bool = False,
 ) -> TeacherForward:
     """``--fsdp-teacher`` without a whole teacher on any GPU: every rank builds it on the meta
     device and shards it (no memory), then rank 0, which alone reads the weights (into CPU
@@ -208,13 +212,15 @@ def load_sharded_teacher(
 
     from kdtool.models import load_model
 
-    full = load_model(name_or_path, "cpu", dtype) if info.is_main else None
+    full = (
+        load_model(name_or_path, "cpu", dtype, trust_remote_code=trust_remote_code) if info.is_main else None
+    )
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a causal LM from {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     with torch.device("meta"):
-        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     teacher = teacher.eval().requires_grad_(False)
     wrapper = shard_teacher(teacher)
     wrapper.to_empty(device=device)

@@ -7,9 +7,13 @@ in forward and in backward, so masked vocabulary entries never produce NaN.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -24,6 +24,8 @@ so the result is exactly that of the unchunked computation.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -140,20 +142,7 @@ def token_loss_sum(
         and the head's parameters; metric (sum, count) pairs are added over chunks. N = 0 gives
         a loss of 0 whose gradient is finite (zero).
     """
-    n = student_hidden.shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(vocab_size, student_hidden.device)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    plan = _Plan(
-        objective,
-        teacher,
-        labels,
-        vocab_size,
-        _chunks(n, chunk_size),
-        slice_size(vocab_size, chunk_size, student_hidden.device),
-    )
-    plan.stats = _batch_stats(objective, teacher, labels, plan.chunks)
+    plan = _plan(objective, student_hidden, teacher, labels, vocab_size, chunk_size)
 
     parts = linear_parts(student_head)
     params = [student_hidden] + ([parts.weight, parts.bias] if parts else [])
@@ -163,8 +152,36 @@ def token_loss_sum(
     elif needs_grad:
         loss = _checkpointed_loss(student_hidden, student_head, plan)
     else:
-        loss = _no_grad_loss(student_hidden, student_head, plan)
+        (loss,) = _no_grad_losses(student_hidden, student_head, [plan])
     return loss, plan.metrics or {}
+
+
+def token_loss_sums(
+    objectives: dict[str, Objective],
+    student_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher: TeacherSignal,
+    labels: Tensor,
+    vocab_size: int,
+    chunk_size: int | None = None,
+) -> dict[str, tuple[Tensor, Metrics]]:
+    """Evaluation: the loss sums of several objectives on the same N rows, without gradients.
+
+    Each chunk's student logits, and the teacher's logits for the same rows, are computed once and
+    handed to every objective in turn, so k held-out probes cost one output-layer pass per model,
+    not k. Arguments as in ``token_loss_sum``, with a name -> objective mapping.
+
+    Returns:
+        ``{name: (loss_sum, metric_sums)}``, for each objective what ``token_loss_sum`` returns for
+        it alone under ``torch.no_grad()`` (the same chunks, the same arithmetic).
+    """
+    if not objectives:
+        return {}
+    plans = [_plan(o, student_hidden, teacher, labels, vocab_size, chunk_size) for o in objectives.values()]
+    losses = _no_grad_losses(student_hidden, student_head, plans)
+    return {
+        name: (loss, plan.metrics or {}) for name, loss, plan in zip(objectives, losses, plans, strict=True)
+    }
 
 
 def plain_token_loss_sum(
@@ -222,6 +239,30 @@ class _Plan:
         for k, (s, c) in detached.items():
             s0, c0 = self.metrics.get(k, (torch.zeros_like(s), torch.zeros_like(c)))
             self.metrics[k] = (s0 + s, c0 + c)
+
+
+def _plan(
+    objective: Objective,
+    student_hidden: Tensor,
+    teacher: TeacherSignal,
+    labels: Tensor,
+    vocab_size: int,
+    chunk_size: int | None,
+) -> _Plan:
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab_size, student_hidden.device)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    plan = _Plan(
+        objective,
+        teacher,
+        labels,
+        vocab_size,
+        _chunks(student_hidden.shape[0], chunk_size),
+        slice_size(vocab_size, chunk_size, student_hidden.device),
+    )
+    plan.stats = _batch_stats(objective, teacher, labels, plan.chunks)
+    return plan
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -366,14 +407,18 @@ def _checkpointed_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], plan: _
     return total
 
 
-def _no_grad_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], plan: _Plan) -> Tensor:
-    """Evaluation: chunked, with nothing kept for backward."""
-    total: Tensor | None = None
+def _no_grad_losses(hidden: Tensor, head: Callable[[Tensor], Tensor], plans: list[_Plan]) -> list[Tensor]:
+    """Evaluation: chunked, with nothing kept for backward. The plans share the rows, the chunks
+    and the teacher, so each chunk's logits of both models are built once for all of them."""
+    first = plans[0]
+    sums: list[list[Tensor]] = [[] for _ in plans]
     with torch.no_grad():
-        for rows in plan.chunks:
-            logits = head(hidden[rows])[..., : plan.vocab_size]
-            losses, metrics = plan.losses(logits, plan.teacher_rows(rows), rows)
-            plan.add_metrics(metrics)
-            total = losses.sum() if total is None else total + losses.sum()
-    assert total is not None
-    return total
+        for rows in first.chunks:
+            logits = head(hidden[rows])[..., : first.vocab_size]  # [c, V]
+            teacher = first.teacher_rows(rows)
+            for plan, parts in zip(plans, sums, strict=True):
+                losses, metrics = plan.losses(logits, teacher, rows)
+                plan.add_metrics(metrics)
+                parts.append(losses.sum())
+    # Added chunk after chunk, in order: the same float result as one objective on its own.
+    return [functools.reduce(operator.add, parts) for parts in sums]

@@ -1,14 +1,21 @@
-"""Load teacher and student (local directory or hub id) and check they share a vocabulary."""
+"""Load teacher and student (local directory or hub id) and check they share a vocabulary.
+
+Nothing runs that the user did not ask to run: a model or tokenizer whose config declares its own
+Python classes (``auto_map``) is loaded only with ``trust_remote_code=True`` (``--trust-remote-code``);
+without it kdtool refuses in one line before transformers is asked, so transformers never prompts.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kdtool.errors import UserError
+from kdtool.files import load_json
 
 DTYPES = {
     "float32": torch.float32,
@@ -34,11 +41,68 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    from transformers import AutoTokenizer
+REMOTE_CODE_FLAG = "--trust-remote-code"
+CONFIG_FILES = ("config.json", "tokenizer_config.json")
+
+
+def _config_file(name_or_path: str, filename: str) -> Path | None:
+    """``filename`` of a local model directory, or of a hub model (from the cache, or fetched)."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        return local / filename if (local / filename).is_file() else None
+    from transformers.utils import cached_file
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        found = cached_file(
+            name_or_path,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except (OSError, ValueError):  # no such model: from_pretrained reports it
+        return None
+    return Path(found) if found else None
+
+
+def remote_code_declared(name_or_path: str) -> Path | None:
+    """The config file that declares custom classes (``auto_map``) for this model, if any.
+
+    Raises:
+        UserError: a config file that is not UTF-8 JSON (``path: reason``).
+    """
+    for filename in CONFIG_FILES:
+        path = _config_file(name_or_path, filename)
+        if path is None:
+            continue
+        config = load_json(path)
+        if isinstance(config, dict) and config.get("auto_map"):
+            return path
+    return None
+
+
+def check_remote_code(name_or_path: str, trust_remote_code: bool) -> None:
+    """Refuse, in one line naming the flag, a model that needs its own code when it is not trusted."""
+    if trust_remote_code:
+        return
+    declared = remote_code_declared(name_or_path)
+    if declared is not None:
+        raise UserError(
+            f"{name_or_path!r} needs its own Python code to load ({declared} has an auto_map); "
+            f"kdtool does not run it unless you pass {REMOTE_CODE_FLAG}"
+        )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` with one-line errors; pad = EOS when there is no pad token.
+
+    Raises:
+        UserError: no tokenizer there, no EOS token, or custom code without ``trust_remote_code``.
+    """
+    from transformers import AutoTokenizer
+
+    check_remote_code(name_or_path, trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     if tok.eos_token_id is None:
@@ -53,6 +117,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype | None = None,
     device_map: str | None = None,
+    trust_remote_code: bool = False,
     max_memory: dict[int | str, int] | None = None,
 ) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with a clear error for anything that is not a causal LM.
@@ -60,16 +125,20 @@ def load_model(
     ``device_map`` (e.g. ``"auto"``) spreads a model too large for one device over all visible
     devices (and CPU memory) through transformers/accelerate, within ``max_memory`` per device
     when given; ``device`` is then ignored.
+    ``trust_remote_code`` lets a model whose config has an ``auto_map`` run its own code.
     """
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(name_or_path, trust_remote_code)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype) if dtype != "auto" else None
     extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
     if device_map and max_memory:
         extra["max_memory"] = max_memory
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **extra
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load a causal LM from {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     return model if device_map else model.to(device)

@@ -13,19 +13,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
 
 from kdtool.teacher import TeacherSignal, as_signal
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
     from kdtool.steps import StepContext
+else:  # options and descriptions are read without torch (`kdtool objectives`, config checks)
+    from kdtool.lazy import torch
 
 IGNORE_INDEX = -100
 
 # metric name -> (sum over tokens, token count); the engine reports sum / count.
-Metrics = dict[str, tuple[Tensor, Tensor]]
+Metrics = dict[str, tuple["Tensor", "Tensor"]]
 
 
 class ObjectiveOptions(BaseModel):
@@ -124,7 +127,7 @@ class Objective:
 
 def rows_of_stats(stats: dict[str, Any], index: slice) -> dict[str, Any]:
     """Slice every per-token tensor in ``stats`` (first dim = tokens) to ``index``."""
-    return {k: (v[index] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in stats.items()}
+    return {k: (v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in stats.items()}
 
 
 def token_metric(values: Tensor) -> tuple[Tensor, Tensor]:

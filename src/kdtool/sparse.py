@@ -7,12 +7,16 @@ Shared by ``kdtool cache-logits`` (which stores the top-k) and the objectives th
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from kdtool.divergence import upcast
 from kdtool.teacher import TeacherSignal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 DEFAULT_TOP_FRACTION = 0.05
 

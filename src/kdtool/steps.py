@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from kdtool.engine import token_loss_sum
+from kdtool.engine import token_loss_sum, token_loss_sums
 from kdtool.models import hidden_states, output_head
 from kdtool.objective import IGNORE_INDEX, Metrics
 from kdtool.teacher import TeacherSignal
@@ -89,6 +89,29 @@ def token_micro_batch_loss(
             objective, hidden, output_head(ctx.student), teacher, labels[mask], ctx.vocab_size, ctx.chunk_size
         )
     return loss_sum.float(), mask.sum(), metrics
+
+
+def eval_micro_batch(
+    probes: dict[str, Objective], ctx: StepContext, batch: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Held-out loss *sums* of several token-level objectives on one batch, and its token count.
+
+    One teacher forward and one student forward serve every probe (the probes differ only in
+    the loss they compute from the same two sets of logits); the teacher is run only if some
+    probe needs it. Each sum equals ``token_micro_batch_loss(probe, ...)`` under ``no_grad``.
+    """
+    batch = to_device(batch, ctx.device)
+    labels, mask = target_mask(batch)
+    needs = [p for p in probes.values() if p.needs_teacher]
+    teacher = teacher_signal(needs[0], ctx, batch, mask) if needs else TeacherSignal.none()
+    with torch.no_grad(), ctx.autocast():
+        hidden = hidden_states(ctx.student, batch["input_ids"], batch["attention_mask"])[:, :-1][
+            mask
+        ]  # [N, H]
+        sums = token_loss_sums(
+            probes, hidden, output_head(ctx.student), teacher, labels[mask], ctx.vocab_size, ctx.chunk_size
+        )
+    return {name: loss_sum.float() for name, (loss_sum, _) in sums.items()}, mask.sum()
 
 
 BatchFn = Callable[[Iterable[dict[str, Tensor]], StepContext], Iterator[dict[str, Tensor]]]

@@ -35,6 +35,7 @@ TEMPLATE_PHRASES = sorted(
     reverse=True,
 )
 TASKS = ("reverse", "add", "sort", "pick")
+PICK_SIZE = 3  # letters listed in a "pick" prompt (each a valid answer)
 
 
 def build_tokenizer() -> Any:
@@ -58,44 +59,74 @@ def build_tokenizer() -> Any:
 
 
 def make_example(rng: random.Random, task: str) -> dict[str, Any]:
-    """One alpaca-format record; ``references`` lists every correct answer."""
+    """One alpaca-format record with its ``task`` and ``references`` (every valid answer)."""
     if task == "reverse":
-        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
-        return {"instruction": "Reverse these letters.", "input": word, "output": word[::-1]}
-    if task == "add":
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
+        record = {"instruction": "Reverse these letters.", "input": word, "output": word[::-1]}
+    elif task == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return {"instruction": "Add these numbers.", "input": f"{a}+{b}", "output": str(a + b)}
-    if task == "sort":
-        digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 6))]
-        return {
+        record = {"instruction": "Add these numbers.", "input": f"{a}+{b}", "output": str(a + b)}
+    elif task == "sort":
+        digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 5))]
+        record = {
             "instruction": "Sort these digits.",
             "input": " ".join(digits),
             "output": "".join(sorted(digits)),
         }
-    letters = rng.sample(string.ascii_lowercase, 3)
-    return {
-        "instruction": "Name one letter from the list.",
-        "input": " ".join(letters),
-        "output": rng.choice(letters),
-        "references": letters,
-    }
+    elif task == "pick":
+        letters = rng.sample(string.ascii_lowercase, PICK_SIZE)
+        record = {
+            "instruction": "Name one letter from the list.",
+            "input": " ".join(letters),
+            "output": rng.choice(letters),
+        }
+    else:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    return {"task": task, **record, "references": valid_answers(task, record["input"])}
 
 
-def make_dataset(n: int, seed: int) -> list[dict[str, Any]]:
+def valid_answers(task: str, input: str) -> list[str]:
+    """Every correct answer to a prompt of ``task`` with this ``input`` (the task's answer checker)."""
+    if task == "reverse":
+        return [input[::-1]]
+    if task == "add":
+        a, b = input.split("+")
+        return [str(int(a) + int(b))]
+    if task == "sort":
+        return ["".join(sorted(input.split()))]
+    if task == "pick":
+        return input.split()  # uniform over the listed letters: the known answer distribution
+    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def is_correct(record: dict[str, Any], prediction: str) -> bool:
+    """Exact validity: the stripped prediction is one of the record's valid answers."""
+    return prediction.strip() in valid_answers(record["task"], record["input"])
+
+
+def make_dataset(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """``n`` records cycling through the tasks; prompts in ``exclude`` (task:input) are redrawn."""
     rng = random.Random(seed)
-    return [make_example(rng, TASKS[i % len(TASKS)]) for i in range(n)]
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        record = make_example(rng, TASKS[len(out) % len(TASKS)])
+        if exclude is None or f"{record['task']}:{record['input']}" not in exclude:
+            out.append(record)
+    return out
 
 
 def write_dataset(
     directory: str | Path, n_train: int = 4000, n_test: int = 200, seed: int = 0
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` (disjoint seeds) and return their paths."""
+    """Write ``train.jsonl`` and ``test.jsonl`` (no test prompt in train) and return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    test = make_dataset(n_test, seed + 10_000)
+    train = make_dataset(n_train, seed, exclude={f"{r['task']}:{r['input']}" for r in test})
     paths = []
-    for name, n, s in (("train", n_train, seed), ("test", n_test, seed + 10_000)):
+    for name, records in (("train", train), ("test", test)):
         path = directory / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in make_dataset(n, s)))
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
         paths.append(path)
     return paths[0], paths[1]
 

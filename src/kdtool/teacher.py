@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from kdtool.divergence import upcast
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    from kdtool.lazy import torch
 
 
 @dataclass

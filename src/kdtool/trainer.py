@@ -13,7 +13,9 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from kdtool import checkpoint, distributed
-from kdtool.config import DistillConfig
+from kdtool.config import DistillConfig, read_config_file
 from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, load_examples, split_examples
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
@@ -32,7 +34,8 @@ from kdtool.models import load_model, load_tokenizer, shared_vocab_size
 from kdtool.objective import Objective
 from kdtool.progress import TrainProgress
 from kdtool.registry import get_objective
-from kdtool.steps import StepContext, to_device, token_micro_batch_loss
+from kdtool.steps import StepContext, eval_micro_batch
+from kdtool.trackers import Trackers, require_installed
 
 # Fields that make a run *this* run: resuming with any of them changed is refused.
 IDENTITY_FIELDS = (
@@ -74,6 +77,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
+    eval_time: float = 0.0  # seconds of `elapsed` spent in held-out evaluation
     history: dict[str, float] = field(default_factory=dict)
 
 
@@ -88,19 +92,31 @@ def template_of(cfg: DistillConfig) -> Template:
     return Template(cfg.template_no_input or default.no_input, cfg.template_with_input or default.with_input)
 
 
-def prepare_output(cfg: DistillConfig, run: Run, resume: bool, overwrite: bool) -> bool:
-    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``."""
+def prepare_output(
+    cfg: DistillConfig, run: Run, resume: bool, overwrite: bool, console: Console | None = None
+) -> bool:
+    """Decide between a fresh run and a resume; refuse to clobber another run. Returns ``resuming``.
+
+    ``--resume`` on a run that wrote its config but no checkpoint yet (killed during start-up)
+    starts it afresh, with a notice on ``console``, when the config matches.
+    """
     if run.root.exists() and any(run.root.iterdir()):
         if overwrite:
             shutil.rmtree(run.root)
         elif resume:
-            if not run.config.is_file() or checkpoint.latest(run.checkpoints) is None:
-                raise UserError(f"--resume: {run.root} holds no kdtool checkpoint to resume from")
-            saved = yaml.safe_load(run.config.read_text())
+            if not run.config.is_file():
+                raise UserError(f"--resume: {run.root} holds no kdtool run to resume (no config.yaml)")
+            saved = read_config_file(run.config)
             now = cfg.model_dump(mode="json")
             changed = [k for k in IDENTITY_FIELDS if saved.get(k) != now.get(k)]
             if changed:
                 raise UserError(f"--resume: {run.root} was started with different {', '.join(changed)}")
+            if checkpoint.latest(run.checkpoints) is None:
+                if console is not None:
+                    console.print(
+                        f"--resume: {run.root} stopped before its first checkpoint; starting it afresh"
+                    )
+                return False
             return True
         elif run.config.is_file():
             raise UserError(
@@ -122,20 +138,30 @@ def setup_models(
 
     The teacher is bf16 on CUDA unless ``--dtype float32`` asks for full precision.
     """
-    student = load_model(cfg.student, device)
+    trust = cfg.trust_remote_code
+    student = load_model(cfg.student, device, trust_remote_code=trust)
     teacher = teacher_forward = None
     teacher_tok = None
     # A teacher given to an objective that does not train on it (sft) still measures held-out KL.
     if cfg.teacher and not cfg.teacher_cache:
-        teacher_tok = load_tokenizer(cfg.teacher)
+        teacher_tok = load_tokenizer(cfg.teacher, trust)
         low = device.type == "cuda" and cfg.dtype != "float32"
         teacher_dtype = torch.bfloat16 if low else torch.float32
         if cfg.fsdp_teacher and info.enabled:
-            teacher_forward = distributed.load_sharded_teacher(cfg.teacher, teacher_dtype, info, device)
+            teacher_forward = distributed.load_sharded_teacher(
+                cfg.teacher, teacher_dtype, info, device, trust
+            )
             teacher = teacher_forward.teacher
         else:
             budget = teacher_memory_budget(student, device) if cfg.teacher_device_map == "auto" else None
-            teacher = load_model(cfg.teacher, device, teacher_dtype, cfg.teacher_device_map, budget)
+            teacher = load_model(
+                cfg.teacher,
+                device,
+                teacher_dtype,
+                cfg.teacher_device_map,
+                trust_remote_code=trust,
+                max_memory=budget,
+            )
         teacher = teacher.eval().requires_grad_(False)
     vocab = shared_vocab_size(teacher_tok, tokenizer, teacher, student)
     return student, teacher, vocab, teacher_forward
@@ -237,14 +263,18 @@ class StepModule(nn.Module):
     def forward(
         self,
         batch: dict[str, torch.Tensor] | None = None,
-        probe: Objective | None = None,
+        step: Callable[[StepContext, dict[str, torch.Tensor]], Any] | None = None,
         **model_kwargs: Any,
     ) -> Any:
-        """One micro-batch's ``(loss_sum, count, metrics)``; without a batch, ``student(**model_kwargs)``
-        (a rollout step), so that under FSDP2 every student call goes through this root unit."""
+        """The objective's ``(loss_sum, n_tokens, metrics)``; or ``step(ctx, batch)`` when given, so
+        that evaluation runs through the (possibly sharded) module too; without a batch,
+        ``student(**model_kwargs)`` (a rollout step), so that under FSDP2 every student call goes
+        through this root unit."""
         if batch is None:
             return self.student(**model_kwargs)
-        return (probe or self.objective).micro_batch_loss(self.ctx, batch)
+        if step is None:
+            return self.objective.micro_batch_loss(self.ctx, batch)
+        return step(self.ctx, batch)
 
 
 def wrap_for_ranks(module: StepModule, info: DistInfo, device: torch.device, fsdp: bool) -> nn.Module:
@@ -309,21 +339,9 @@ def train_step(
     return loss_total / max(tokens, 1), tokens, out
 
 
-@torch.no_grad()
-def evaluate(
-    ctx: StepContext,
-    objective: Objective,
-    dataset: TokenizedDataset | None,
-    cfg: DistillConfig,
-    forward: nn.Module | None = None,
-) -> dict[str, float]:
-    """Held-out metrics: student cross-entropy on the references (always), forward and reverse
-    KL to a live teacher, and the objective's own loss for token-level objectives.
-
-    ``forward`` (a ``StepModule``, possibly FSDP-sharded) runs each probe; by default the plain student.
-    """
-    if dataset is None:
-        return {}
+def eval_probes(ctx: StepContext, objective: Objective, cfg: DistillConfig) -> dict[str, Objective]:
+    """What held-out evaluation measures: student cross-entropy on the references (always), forward
+    and reverse KL to a live teacher, and the objective's own loss for token-level objectives."""
     from kdtool.registry import get_objective as make
 
     probes: dict[str, Objective] = {"ce": make("sft")}
@@ -333,19 +351,38 @@ def evaluate(
             probes["loss"] = objective
     elif ctx.teacher_cache is not None and not cfg.eval_data:
         probes["loss"] = objective  # the held-out split comes from --data, so the cache covers it
+    return probes
+
+
+@torch.no_grad()
+def evaluate(
+    ctx: StepContext,
+    objective: Objective,
+    dataset: TokenizedDataset | None,
+    cfg: DistillConfig,
+    forward: nn.Module | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Held-out metrics ``eval_<probe>`` (see ``eval_probes``), token-weighted over the batches.
+
+    Each batch costs one teacher and one student forward, shared by every probe. ``forward`` (a
+    ``StepModule``, possibly FSDP-sharded) runs them; by default the plain student.
+    ``max_batches`` (default ``cfg.eval_batches``, else all) bounds the batches read.
+    """
+    if dataset is None:
+        return {}
+    probes = eval_probes(ctx, objective, cfg)
+    step = partial(eval_micro_batch, probes)
     ctx.student.eval()
     sums: dict[str, float] = defaultdict(float)
     tokens = 0
     loader = BatchLoader(dataset, cfg.batch_size, seed=0, shuffle=False)
+    limit = min(max_batches or cfg.eval_batches or loader.batches_per_epoch(), loader.batches_per_epoch())
     for i, batch in enumerate(loader):
-        if i >= min(cfg.eval_batches, loader.batches_per_epoch()):
+        if i >= limit:
             break
-        batch = to_device(batch, ctx.device)
-        for name, probe in probes.items():
-            if forward is None:
-                loss_sum, n, _ = token_micro_batch_loss(probe, ctx, batch)
-            else:
-                loss_sum, n, _ = forward(batch, probe)
+        loss_sums, n = step(ctx, batch) if forward is None else forward(batch, step)
+        for name, loss_sum in loss_sums.items():
             sums[name] += float(loss_sum)
         tokens += int(n)
     return {f"eval_{k}": v / max(tokens, 1) for k, v in sums.items()}
@@ -376,6 +413,7 @@ def trainer_state(
         "step": state.step,
         "tokens": state.tokens,
         "elapsed": state.elapsed,
+        "eval_time": state.eval_time,
         "loader": loader_state,
         "rng": rng,
         "optimizer": optimizer_state,
@@ -397,6 +435,7 @@ def restore(
     info: DistInfo = DistInfo(),
 ) -> None:
     state.step, state.tokens, state.elapsed = saved["step"], saved["tokens"], saved["elapsed"]
+    state.eval_time = saved.get("eval_time", 0.0)  # absent from checkpoints of older versions
     loader.load_state_dict(saved["loader"])
     scheduler.load_state_dict(saved["scheduler"])
     rngs = saved["rng"]
@@ -412,9 +451,12 @@ def restore(
         objective.load_state_dict(mine["objective"])
 
 
-def log(run: Run, record: dict[str, Any]) -> None:
+def log(run: Run, record: dict[str, Any], trackers: Trackers | None = None) -> None:
+    """One line of ``metrics.jsonl``, forwarded to the ``--report-to`` trackers."""
     with run.metrics.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if trackers is not None:
+        trackers.log(record)
 
 
 def train(
@@ -425,6 +467,7 @@ def train(
     Under torchrun/accelerate every rank runs this; only rank 0 writes files.
     """
     console = console or Console(stderr=True)
+    require_installed(cfg.report_to)  # before anything slow, on every rank alike
     if cfg.teacher_device_map and distributed.world_size_from_env() > 1:
         # Every rank would spread a whole teacher over all GPUs of the node (N copies fighting for
         # the same memory); --fsdp-teacher shards one teacher over the ranks instead.
@@ -445,7 +488,7 @@ def _train(
     decision: bool | UserError = False
     if info.is_main:
         try:
-            decision = prepare_output(cfg, run, resume, overwrite)
+            decision = prepare_output(cfg, run, resume, overwrite, console)
         except UserError as exc:
             decision = exc
     decision = distributed.broadcast_object(decision, info)
@@ -454,7 +497,7 @@ def _train(
     resuming = decision
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective, **cfg.objective_options)
-    tokenizer = load_tokenizer(cfg.student)
+    tokenizer = load_tokenizer(cfg.student, cfg.trust_remote_code)
     # Data first: a malformed line should stop the run before a large model is loaded.
     train_ds, eval_ds, report = setup_data(cfg, tokenizer)
     student, teacher, vocab, teacher_forward = setup_models(cfg, tokenizer, device, info)
@@ -492,6 +535,11 @@ def _train(
     optimizer, scheduler = setup_optimizer(cfg, student, steps)
     state = TrainState()
     main = info.is_main
+    # Only rank 0 reports; a resumed run opens a new tracker run that continues at its step.
+    # Opened before config.yaml is written, so a tracker that cannot start leaves no run behind.
+    trackers = Trackers()
+    if main:
+        trackers = Trackers.open(cfg.report_to, run.root, cfg.model_dump(mode="json"), config_yaml)
     if resuming:
         last = checkpoint.latest(run.checkpoints)
         assert last is not None
@@ -516,7 +564,7 @@ def _train(
             "teacher_sharded": "teacher_forward" in ctx.extras,
         }
         log(run, start)
-    eval_every = cfg.eval_every or max(1, steps // 10)
+    eval_every, eval_batches = cfg.eval_schedule(steps, held_out_batches(cfg, eval_ds))
     save_every = cfg.save_every or max(1, steps // 5)
     micro_batches = objective.batches(loader, ctx)
     # Snapshot taken at each step's start: an interrupted step is replayed exactly on resume.
@@ -537,16 +585,19 @@ def _train(
         return where
 
     def evaluate_and_log() -> None:
+        began = time.perf_counter()
         if eval_everywhere:  # every rank takes part in the sharded forwards; rank 0 logs
-            metrics = evaluate(ctx, objective, eval_ds, cfg, forward=eval_module)
+            metrics = evaluate(ctx, objective, eval_ds, cfg, eval_module, eval_batches)
         else:  # no collectives inside: the other ranks wait at the barrier
-            metrics = evaluate(ctx, objective, eval_ds, cfg) if main else {}
+            metrics = evaluate(ctx, objective, eval_ds, cfg, max_batches=eval_batches) if main else {}
         if main:
-            log(run, {"step": state.step, **metrics})
+            log(run, {"step": state.step, **metrics}, trackers)
         distributed.barrier(info)
+        state.eval_time += time.perf_counter() - began
+        state.elapsed = time.perf_counter() - started
 
     window: dict[str, list[float]] = defaultdict(list)
-    started = time.perf_counter() - state.elapsed
+    started = time.perf_counter() - state.elapsed  # `elapsed` (and `eval_time`) carry over a resume
     progress = TrainProgress(total=steps, enabled=cfg.progress and main, console=console, done=state.step)
     try:
         if not resuming:
@@ -578,6 +629,7 @@ def _train(
                             "tokens_per_s": speed,
                             **record,
                         },
+                        trackers,
                     )
                     window.clear()
                 if state.step % eval_every == 0 or state.step == steps:
@@ -589,12 +641,19 @@ def _train(
         if main:
             console.print(f"interrupted: saved {where} (continue with --resume)")
         raise
+    finally:
+        trackers.close()  # every record went out inside the loop (the last eval included)
     save_checkpoint()
     final_state = distributed.full_model_state(student, info, sharded)
     if main:
         finish(run, cfg, student, tokenizer, template_of(cfg), state, train_ds, report, final_state)
     distributed.barrier(info)
     return run.root
+
+
+def held_out_batches(cfg: DistillConfig, dataset: TokenizedDataset | None) -> int:
+    """Batches of ``--batch-size`` in the held-out set (0 without one)."""
+    return math.ceil(len(dataset) / cfg.batch_size) if dataset else 0
 
 
 def student_device(student: Any) -> torch.device:
@@ -634,6 +693,8 @@ def finish(
         "steps": state.step,
         "tokens": state.tokens,
         "wall_time_s": round(state.elapsed, 2),
+        "eval_time_s": round(state.eval_time, 2),
+        "eval_share": round(state.eval_time / max(state.elapsed, 1e-9), 4),
         "tokens_per_s": round(state.tokens / max(state.elapsed, 1e-9), 1),
         **peak_memory(student_device(student)),
         "examples": len(train_ds),

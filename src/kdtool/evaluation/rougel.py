@@ -22,6 +22,7 @@ from typing import Any
 
 from kdtool.errors import UserError
 from kdtool.evaluation.scoring import CorpusScore, score_corpus
+from kdtool.files import field_names, json_records, load_json
 
 PREDICTION_KEYS = ("prediction", "response")
 REFERENCE_KEYS = ("reference", "target")
@@ -46,9 +47,7 @@ def _prediction_row(where: str, record: Any) -> tuple[str, list[str], str | None
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     key = next((k for k in PREDICTION_KEYS if k in record), None)
     if key is None:
-        raise UserError(
-            f"{where}: missing field 'prediction' (or 'response'); has: {', '.join(record) or 'no fields'}"
-        )
+        raise UserError(f"{where}: missing field 'prediction' (or 'response'); has: {field_names(record)}")
     prediction = record[key]
     if not isinstance(prediction, str):
         raise UserError(f"{where}: field {key!r} must be a string, got {type(prediction).__name__}")
@@ -61,7 +60,7 @@ def _prediction_row(where: str, record: Any) -> tuple[str, list[str], str | None
         if ref_key is None:
             raise UserError(
                 f"{where}: missing field 'references' (a list) or 'reference'/'target' (a string); "
-                f"has: {', '.join(record)}"
+                f"has: {field_names(record)}"
             )
         if not isinstance(record[ref_key], str):
             raise UserError(f"{where}: field {ref_key!r} must be a string")
@@ -82,24 +81,12 @@ def read_predictions(path: str | Path) -> tuple[list[Scored], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+    located = list(json_records(path))
+    for where, record in located:
+        if isinstance(record, ValueError):  # a line that is not JSON: nothing to skip to here
+            raise UserError(f"{where}: {record}")
+    if not located and not path.read_bytes().strip():
         raise UserError(f"{path}: empty file, no predictions to score")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-        located = [(f"{path}:item {i}", item) for i, item in enumerate(items)]
-    else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
     if not located:
         raise UserError(f"{path}: no predictions to score")
     examples, predictions = [], []
@@ -184,13 +171,16 @@ def run_template(model_dir: str | Path) -> Any:
 
     summary = Path(model_dir) / "kdtool.json"
     if summary.is_file():
-        saved = json.loads(summary.read_text()).get("template")
+        summary_json = load_json(summary)
+        saved = summary_json.get("template") if isinstance(summary_json, dict) else None
         if isinstance(saved, dict) and {"no_input", "with_input"} <= saved.keys():
             return Template(saved["no_input"], saved["with_input"])
     return DEFAULT_TEMPLATE
 
 
-def load_for_eval(model_dir: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+def load_for_eval(
+    model_dir: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory (or hub id), with one-line errors."""
     from kdtool.models import load_model, load_tokenizer, resolve_device
 
@@ -202,8 +192,9 @@ def load_for_eval(model_dir: str, device: str = "auto", dtype: str = "auto") -> 
     dev = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    model = load_model(model_dir, device=dev, dtype=dtype)  # raises UserError when not a causal LM
-    return model, load_tokenizer(model_dir)
+    # raises UserError when not a causal LM, or when it needs its own code and is not trusted
+    model = load_model(model_dir, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(model_dir, trust_remote_code)
 
 
 def evaluate_model(
@@ -218,6 +209,7 @@ def evaluate_model(
     prompt_field: str | None = None,
     response_field: str | None = None,
     max_prompt_length: int | None = None,
+    trust_remote_code: bool = False,
     progress: Callable[[int | None, int], Callable[[int], None]] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -229,6 +221,7 @@ def evaluate_model(
         progress: given a seed and the number of examples, returns the callback advanced by the
             number of finished examples after each batch.
         on_note: receives one-line notes (e.g. how many prompts were truncated).
+        trust_remote_code: let a model whose config has an ``auto_map`` run its own code.
     """
     import torch
 
@@ -241,7 +234,7 @@ def evaluate_model(
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
         loaded = loaded[:limit]
-    model, tokenizer = load_for_eval(model_dir, device, dtype)
+    model, tokenizer = load_for_eval(model_dir, device, dtype, trust_remote_code)
     budget = prompt_budget(model, sampling.max_new_tokens, max_prompt_length)
     prompt_ids, n_cut = encode_prompts(tokenizer, [ex.prompt for ex in loaded], budget)
     if empty := [ex.index for ex, ids in zip(loaded, prompt_ids, strict=True) if not ids]:
