@@ -113,7 +113,7 @@ def _loss_and_grad(
         loss, _ = run(objective, h, head, teacher, labels, vocab)
     (loss.float() / ids.numel()).backward()
     assert embed.weight.grad is not None
-    return float(loss), embed.weight.grad.float().clone()
+    return float(loss.detach()), embed.weight.grad.float().clone()
 
 
 def make_models(root: Path, n_train: int = 256, n_test: int = 32) -> None:
