@@ -47,12 +47,15 @@ def test_quick_demo_runs_offline_and_reports(tmp_path):
     assert again.returncode == 1 and "not empty" in again.stderr
 
 
-def test_demo_compares_every_registered_objective_with_sft_last():
-    from kdtool.demo import demo_objectives
+def test_demo_objectives_and_protocol():
+    from kdtool.demo import INIT_FROM, OBJECTIVES, demo_objectives
     from kdtool.registry import available
 
-    names = demo_objectives()
-    assert names[-1] == "sft" and sorted(names) == sorted(available())
+    assert demo_objectives() == OBJECTIVES and OBJECTIVES[0] == "sft"
+    assert {"fkl", "rkl", "slim", "atkd", "minillm"} <= set(OBJECTIVES)
+    every = demo_objectives(all_objectives=True)
+    assert every[: len(OBJECTIVES)] == OBJECTIVES and sorted(every) == sorted(available())
+    assert INIT_FROM == {"minillm": "sft"}  # MiniLLM starts from the SFT student, the rest do not
 
 
 def test_demo_passes_its_settings_to_compare(tmp_path, monkeypatch):
@@ -66,12 +69,14 @@ def test_demo_passes_its_settings_to_compare(tmp_path, monkeypatch):
         specs.append(spec)
         return tmp_path
 
-    monkeypatch.setattr(demo, "prepare", lambda out: {k: out / k for k in ("train", "test", "student_init")})
-    monkeypatch.setattr(demo, "train_teacher", lambda paths, out, steps, console: out / "teacher")
+    keys = ("train", "student_train", "test", "student_init")
+    monkeypatch.setattr(demo, "prepare", lambda out: {k: out / k for k in keys})
     monkeypatch.setattr(kdtool.compare, "run_compare", fake_compare)
     demo.run_demo(tmp_path / "d", objectives=["minillm", "sft"])
     demo.run_demo(tmp_path / "e", objectives=["fkl", "sft"])
     assert specs[0].objective_options == {"minillm": demo.DEMO_OPTIONS["minillm"]}
     assert specs[0].jobs == demo.JOBS and specs[0].threads == 1
-    assert specs[0].objectives == ["minillm", "sft"]
-    assert specs[1].objective_options == {}
+    assert specs[0].objectives == ["minillm", "sft"] and specs[0].init_from == {"minillm": "sft"}
+    assert specs[0].teacher == str(demo.shipped_teacher()) and specs[0].seeds == demo.SEEDS
+    assert specs[0].data.endswith("student_train") and specs[0].metrics_module == "kdtool.task_eval"
+    assert specs[1].objective_options == {} and specs[1].init_from == {}

@@ -193,6 +193,18 @@ def compare(
     ] = None,
     jobs: Annotated[int, Opt(help="Runs at once, each its own process (default 1: one after another).")] = 1,
     trust_remote_code: TrustRemoteCode = None,
+    init_from: Annotated[
+        list[str] | None,
+        Opt(help="OBJECTIVE=SOURCE: start OBJECTIVE from SOURCE's same-seed student (e.g. minillm=sft)."),
+    ] = None,
+    baseline: Annotated[str, Opt(help="Objective the report pairs every other with, seed by seed.")] = "sft",
+    primary_metric: Annotated[str, Opt(help="Metric that sorts the table and the plot.")] = "rougeL",
+    metrics_module: Annotated[
+        str | None,
+        Opt(
+            help="Extra metrics: `python -m MODULE --model M --data EVAL --rougel R --output OUT` (flat JSON)."
+        ),
+    ] = None,
 ) -> None:
     """Run OBJECTIVES x SEEDS from the same student and budget, evaluate all, write a table and plots.
 
@@ -225,8 +237,22 @@ def compare(
         greedy=greedy,
         threads=threads,
         jobs=jobs,
+        init_from=parse_pairs(init_from, "--init-from"),
+        baseline=baseline,
+        primary_metric=primary_metric,
+        metrics_module=metrics_module,
     )
     run_compare(spec, console=console)
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -247,14 +273,28 @@ def demo(
     quick: Annotated[bool, Opt("--quick", help="A much shorter run (smoke test).")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier demo in --output.")] = False,
     objectives: Annotated[
-        str | None, Opt(help="Comma-separated subset (default: every registered one).")
+        str | None, Opt(help="Comma-separated subset (default: sft,fkl,rkl,slim,atkd,minillm).")
     ] = None,
+    all_objectives: Annotated[
+        bool, Opt("--all-objectives", help="Every registered objective (jsd, tvd, skl, srkl too).")
+    ] = False,
+    train_teacher: Annotated[
+        bool, Opt("--train-teacher", help="Retrain the teacher (about 6 min) instead of the shipped one.")
+    ] = False,
 ) -> None:
-    """The whole pipeline on the built-in task, offline: train a teacher, then compare every objective."""
+    """The whole pipeline on the built-in task, offline: KD objectives against sft over 3 training seeds."""
     from kdtool.demo import run_demo
 
     names = [o.strip() for o in objectives.split(",")] if objectives else None
-    run_demo(output, quick=quick, overwrite=overwrite, console=console, objectives=names)
+    run_demo(
+        output,
+        quick=quick,
+        overwrite=overwrite,
+        console=console,
+        objectives=names,
+        train_teacher_too=train_teacher,
+        all_objectives=all_objectives,
+    )
 
 
 from kdtool.cli_cache import cache_logits  # noqa: E402  (a sub-command in its own module)
@@ -271,6 +311,13 @@ def main() -> None:
     # first imported: importing it here would cost every command ~3 s, even `--help`.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if (
+        "transformers" in sys.modules
+    ):  # already imported (an embedding program, a test): too late for env vars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         app()
     except UserError as exc:

@@ -193,8 +193,9 @@ def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path, student
 
 def metrics_cmd(spec: CompareSpec, model: str, rouge: Path, out: Path) -> list[str]:
     assert spec.metrics_module is not None
-    return [sys.executable, "-m", spec.metrics_module, "--model", model, "--data", spec.eval_data,
-            "--rougel", str(rouge), "--output", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", spec.metrics_module, "--model", model, "--data", spec.eval_data,
+           "--rougel", str(rouge), "--output", str(out)]  # fmt: skip
+    return cmd + (["--limit", str(spec.eval_limit)] if spec.eval_limit else [])
 
 
 def extra_metrics(spec: CompareSpec, model: str, rouge: Path, out: Path, log: Path) -> dict[str, Any]:

@@ -22,7 +22,16 @@ from kdtool.data import PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT
 
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 CHARS = list(string.ascii_lowercase + string.digits + " +-=.,:;!?'\"()#\n" + string.ascii_uppercase)
-# Fixed template phrases become one token each (added tokens are matched before characters).
+INSTRUCTIONS = {
+    "reverse": "Reverse these letters.",
+    "add": "Add these numbers.",
+    "sort": "Sort these digits.",
+    "pick": "Name one letter from the list.",
+    "above": "Name a digit larger than this one.",
+}
+# Fixed phrases become one token each (added tokens are matched before characters): the template's,
+# the four instructions and the blank line, so a prompt is ~15 tokens and the answer's characters
+# are what the models spend their compute on.
 TEMPLATE_PHRASES = sorted(
     {
         PROMPT_TEMPLATE.split("\n\n")[0],
@@ -30,11 +39,13 @@ TEMPLATE_PHRASES = sorted(
         "### Instruction:\n",
         "### Input:\n",
         "### Response:\n",
+        "\n\n",
+        *INSTRUCTIONS.values(),
     },
     key=len,
     reverse=True,
 )
-TASKS = ("reverse", "add", "sort", "pick")
+TASKS = ("reverse", "add", "sort", "above")  # the demo's mix ("pick" is kept for experiments)
 PICK_SIZE = 3  # letters listed in a "pick" prompt (each a valid answer)
 
 
@@ -62,26 +73,29 @@ def make_example(rng: random.Random, task: str) -> dict[str, Any]:
     """One alpaca-format record with its ``task`` and ``references`` (every valid answer)."""
     if task == "reverse":
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-        record = {"instruction": "Reverse these letters.", "input": word, "output": word[::-1]}
+        record = {"instruction": INSTRUCTIONS["reverse"], "input": word, "output": word[::-1]}
     elif task == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        record = {"instruction": "Add these numbers.", "input": f"{a}+{b}", "output": str(a + b)}
+        record = {"instruction": INSTRUCTIONS["add"], "input": f"{a}+{b}", "output": str(a + b)}
     elif task == "sort":
         digits = [rng.choice(string.digits) for _ in range(rng.randint(3, 5))]
         record = {
-            "instruction": "Sort these digits.",
+            "instruction": INSTRUCTIONS["sort"],
             "input": " ".join(digits),
             "output": "".join(sorted(digits)),
         }
     elif task == "pick":
         letters = rng.sample(string.ascii_lowercase, PICK_SIZE)
         record = {
-            "instruction": "Name one letter from the list.",
+            "instruction": INSTRUCTIONS["pick"],
             "input": " ".join(letters),
             "output": rng.choice(letters),
         }
+    elif task == "above":
+        record = {"instruction": INSTRUCTIONS["above"], "input": str(rng.randint(0, 7)), "output": ""}
+        record["output"] = rng.choice(valid_answers(task, record["input"]))
     else:
-        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(INSTRUCTIONS)})")
     return {"task": task, **record, "references": valid_answers(task, record["input"])}
 
 
@@ -96,6 +110,8 @@ def valid_answers(task: str, input: str) -> list[str]:
         return ["".join(sorted(input.split()))]
     if task == "pick":
         return input.split()  # uniform over the listed letters: the known answer distribution
+    if task == "above":
+        return [str(d) for d in range(int(input) + 1, 10)]  # uniform over the larger digits
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
@@ -104,13 +120,21 @@ def is_correct(record: dict[str, Any], prediction: str) -> bool:
     return prediction.strip() in valid_answers(record["task"], record["input"])
 
 
-def make_dataset(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
-    """``n`` records cycling through the tasks; prompts in ``exclude`` (task:input) are redrawn."""
+def task_key(record: dict[str, Any]) -> str:
+    return f"{record['task']}:{record['input']}"
+
+
+def make_dataset(
+    n: int, seed: int, exclude: set[str] | None = None, tasks: tuple[str, ...] = TASKS
+) -> list[dict[str, Any]]:
+    """``n`` records cycling through ``tasks``; prompts in ``exclude`` (task:input) are redrawn."""
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     while len(out) < n:
-        record = make_example(rng, TASKS[len(out) % len(TASKS)])
-        if exclude is None or f"{record['task']}:{record['input']}" not in exclude:
+        record = make_example(rng, tasks[len(out) % len(tasks)])
+        # "above" has 8 prompts in all: held-out ones are in training by construction (its point is
+        # the answer distribution, not generalisation to new prompts)
+        if exclude is None or task_key(record) not in exclude or record["task"] == "above":
             out.append(record)
     return out
 
@@ -122,7 +146,7 @@ def write_dataset(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     test = make_dataset(n_test, seed + 10_000)
-    train = make_dataset(n_train, seed, exclude={f"{r['task']}:{r['input']}" for r in test})
+    train = make_dataset(n_train, seed, exclude={task_key(r) for r in test})
     paths = []
     for name, records in (("train", train), ("test", test)):
         path = directory / f"{name}.jsonl"
@@ -132,7 +156,13 @@ def write_dataset(
 
 
 def tiny_model(
-    tokenizer: Any, n_layer: int = 2, n_embd: int = 96, n_head: int = 4, n_positions: int = 256, seed: int = 0
+    tokenizer: Any,
+    n_layer: int = 2,
+    n_embd: int = 96,
+    n_head: int = 4,
+    n_positions: int = 256,
+    seed: int = 0,
+    activation: str = "gelu_new",
 ) -> Any:
     """A GPT-2-style model sized for the built-in task, randomly initialised with ``seed``."""
     import torch
@@ -150,6 +180,7 @@ def tiny_model(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        activation_function=activation,
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)

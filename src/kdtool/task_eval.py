@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kdtool.synthetic import TASKS, is_correct, valid_answers
+from kdtool.synthetic import is_correct, valid_answers
 
 MAX_NEW_TOKENS = 16  # the longest answer is 5 characters; anything longer is wrong anyway
 
@@ -102,10 +102,9 @@ def score(
     sampled: dict[int, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Per-sub-task and overall metrics (percentages) from predictions and answer probabilities."""
-    groups: dict[str, list[int]] = {t: [] for t in TASKS}
+    groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
-        groups[r["task"]].append(i)
-    groups = {t: idx for t, idx in groups.items() if idx}
+        groups.setdefault(r["task"], []).append(i)
     out: dict[str, Any] = {}
     for name, idx in [*groups.items(), ("all", list(range(len(records))))]:
         row: dict[str, Any] = {
@@ -141,12 +140,12 @@ def score(
 
 
 def evaluate_task(
-    model_dir: str | Path, test: str | Path, rougel_json: str | Path | None = None
+    model_dir: str | Path, test: str | Path, rougel_json: str | Path | None = None, limit: int | None = None
 ) -> dict[str, Any]:
-    """All task metrics of one model directory on the built-in task's held-out records."""
+    """All task metrics of one model directory on the built-in task's held-out records (the first ``limit``)."""
     from kdtool.evaluation.rougel import load_for_eval, run_template
 
-    records = read_records(test)
+    records = read_records(test)[:limit]
     model, tokenizer = load_for_eval(str(model_dir), device="cpu", dtype="float32")
     model.eval()
     template = run_template(model_dir)
@@ -191,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="Held-out records written by kdtool.synthetic.")
     parser.add_argument("--rougel", help="Its `kdtool eval rougel --output` file (for sampled validity).")
     parser.add_argument("--output", required=True, help="Where to write the flat JSON of metrics.")
+    parser.add_argument("--limit", type=int, help="The first N records only (as eval rougel --limit).")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    flat = flatten(evaluate_task(args.model, args.data, args.rougel))
+    flat = flatten(evaluate_task(args.model, args.data, args.rougel, args.limit))
     Path(args.output).write_text(json.dumps(flat, indent=2))
     print(f"validity {flat['valid']:.2f} (greedy {flat['valid_greedy']:.2f}); written to {args.output}")
 
