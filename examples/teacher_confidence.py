@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -23,13 +24,15 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     args = ap.parse_args()
     model, tok = load_model(args.teacher).eval(), load_tokenizer(args.teacher)
-    records = [json.loads(line) for line in open(args.data)]
+    records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     probs: dict[str, list[float]] = defaultdict(list)
     with torch.no_grad():
         for start in range(0, len(records), 256):
             chunk = records[start : start + 256]
             items = [
-                encode_example(tok, Example(DEFAULT_TEMPLATE.format(r["instruction"], r["input"]), r["output"]), 128)
+                encode_example(
+                    tok, Example(DEFAULT_TEMPLATE.format(r["instruction"], r["input"]), r["output"]), 128
+                )
                 for r in chunk
             ]
             batch = collate(items, tok.pad_token_id)
