@@ -171,12 +171,12 @@ MINILLM = [
 
 @pytest.fixture
 def minillm_conf(tmp_path):
-    # max_length 56 caps the decoding steps by each rank's longest prompt (33–45 tokens here): the
+    # max_length 30 caps the decoding steps by each rank's longest prompt (9–17 tokens here): the
     # ranks decode different numbers of tokens per buffer (see test_ranks_hold_prompts_of_different_lengths).
     path = tmp_path / "minillm.yaml"
     path.write_text(
         "batch_size: 2\nlr: 0.01\nscheduler: constant\neval_every: 100\nseed: 5\nsave_every: 1\n"
-        "max_length: 56\nmax_prompt_length: 48\n"
+        "max_length: 30\nmax_prompt_length: 24\n"
     )
     return path
 

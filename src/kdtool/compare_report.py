@@ -36,7 +36,7 @@ def metric_keys(results: list[dict[str, Any]], primary: str) -> list[str]:
         for k, v in r.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip and "_std" not in k:
                 keys[k] = None
-    return [k for k in keys if any(isinstance(r.get(k), int | float) for r in results)]
+    return [k for k in keys if k == primary or any(isinstance(r.get(k), int | float) for r in results)]
 
 
 def aggregate(results: list[dict[str, Any]], primary: str = "rougeL") -> list[dict[str, Any]]:
