@@ -4,6 +4,10 @@ sparse cache, bit-exact resume, ``--merge``, and eval on an adapter run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +301,56 @@ def test_bad_lora_settings_are_refused(tiny_dir, tmp_path):
         cfg_for(tiny_dir, tmp_path / "r", lora_r=0)
     with pytest.raises(UserError, match=r"--lora: .*set --lora-target-modules"):
         trainer.train(cfg_for(tiny_dir, tmp_path / "r", lora_target_modules="no_such_layer"))
+
+
+# --------------------------------------------------------------------------- slow: compare, DDP
+
+
+@pytest.mark.slow
+def test_compare_on_adapter_runs(tiny_dir, tmp_path):
+    """`kdtool compare` passes --lora to every run and scores the adapter runs."""
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "kdtool", "compare", "--objectives", "fkl,sft"]
+    args += ["--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student")]
+    args += [
+        "--data",
+        str(tiny_dir / "data" / "train.jsonl"),
+        "--eval-data",
+        str(tiny_dir / "data" / "test.jsonl"),
+    ]
+    args += ["--output", str(out), "--eval-seeds", "10", "--eval-limit", "4", "--max-new-tokens", "4"]
+    args += ["--max-steps", "2", "--batch-size", "4", "--lora", "--lora-r", "2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    for r in runs:
+        assert (Path(r["run"]) / lora.ADAPTER_CONFIG).is_file()
+        assert r["rougeL"] is not None
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_equal_one_process_with_lora(tiny_dir, tmp_path):
+    """2 ranks × batch 2 == 1 rank × batch 4: DDP syncs the adapters' gradients (the base is frozen)."""
+    conf = tmp_path / "dist.yaml"
+    conf.write_text("lr: 0.01\nscheduler: constant\neval_every: 100\nseed: 5\nlora: true\nlora_r: 2\n")
+    base = ["--teacher", str(tiny_dir / "teacher"), "--student", str(tiny_dir / "student")]
+    base += ["--data", str(tiny_dir / "data" / "train.jsonl"), "--config", str(conf), "--no-progress"]
+    base += ["--max-steps", "3", "--max-length", "80"]
+    one = tmp_path / "one"
+    single = [sys.executable, "-m", "kdtool", "distill", *base, "--batch-size", "4", "--output", str(one)]
+    assert subprocess.run(single, capture_output=True, timeout=600).returncode == 0
+    two = tmp_path / "two"
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*launcher, "-m", "kdtool", "distill", *base, "--batch-size", "2", "--output", str(two)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = adapter_weights(one), adapter_weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=k)
