@@ -274,6 +274,10 @@ def test_adapter_directory_loads_as_base_plus_adapter(tiny_dir, tmp_path):
     base = load_file(str(tiny_dir / "student" / "model.safetensors"))
     c_attn = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(merged.state_dict()[c_attn], base[c_attn])
+    # ... so an adapter run can be the student of the next run (`compare --init-from`), here a full one.
+    cfg = cfg_for(tiny_dir, tmp_path / "next", student=str(run), lora=False, max_steps=1, eval_every=100)
+    following = trainer.train(cfg)
+    assert (following / "model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------- errors

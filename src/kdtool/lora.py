@@ -153,7 +153,9 @@ def load_adapter_model(directory: str | Path, load_base: Any) -> Any:
         model = peft.PeftModel.from_pretrained(base, str(directory))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load the adapter in {directory}: {str(exc).splitlines()[0]}") from exc
-    return model.merge_and_unload()
+    # peft froze the base for inference; a plain from_pretrained model trains, and so must this one
+    # (it may be the next run's student).
+    return model.merge_and_unload().requires_grad_(True)
 
 
 def save_final(peft_model: Any, root: Path, merge: bool) -> Path:
