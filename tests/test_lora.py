@@ -265,7 +265,7 @@ def test_adapter_run_through_the_cli_then_eval_rougel(tiny_dir, tmp_path, cli):
     assert json.loads(result.read_text())["summary"]["n_examples"] == 4
 
 
-def test_adapter_directory_loads_as_base_plus_adapter(tiny_dir, tmp_path):
+def test_adapter_directory_loads_as_base_plus_adapter(tiny_dir, tmp_path, monkeypatch):
     from kdtool.models import load_model
 
     run = trainer.train(cfg_for(tiny_dir, tmp_path / "run", max_steps=2, eval_every=100))
@@ -278,6 +278,9 @@ def test_adapter_directory_loads_as_base_plus_adapter(tiny_dir, tmp_path):
     cfg = cfg_for(tiny_dir, tmp_path / "next", student=str(run), lora=False, max_steps=1, eval_every=100)
     following = trainer.train(cfg)
     assert (following / "model.safetensors").is_file()
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails as if not installed
+    with pytest.raises(UserError, match=r"holds a LoRA adapter: loading it needs the peft package"):
+        load_model(str(run))
 
 
 # --------------------------------------------------------------------------- errors

@@ -29,12 +29,12 @@ MERGED_ADAPTER_DIR = "adapter"  # with --merge: the adapter beside the merged mo
 INSTALL_HINT = "pip install 'kdtool[lora]'"
 
 
-def require_peft() -> Any:
+def require_peft(why: str = "--lora needs") -> Any:
     """The ``peft`` module, or one line saying how to install it."""
     try:
         import peft
     except ImportError as exc:
-        raise UserError(f"--lora needs the peft package, which is not installed ({INSTALL_HINT})") from exc
+        raise UserError(f"{why} the peft package, which is not installed ({INSTALL_HINT})") from exc
     return peft
 
 
@@ -147,7 +147,7 @@ def load_adapter_model(directory: str | Path, load_base: Any) -> Any:
     device and dtype), so the base gets the same checks as any other model.
     """
     directory = Path(directory)
-    peft = require_peft()
+    peft = require_peft(f"{directory} holds a LoRA adapter: loading it needs")
     base = load_base(adapter_base(directory))
     try:
         model = peft.PeftModel.from_pretrained(base, str(directory))
