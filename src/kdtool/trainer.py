@@ -521,7 +521,8 @@ def _train(
         where = run.checkpoints / f"step-{state.step:06d}"
         if main:
             ts = trainer_state(state, snapshot[0], rngs, optim_state, scheduler, objective, ctx)
-            saver = adapter or student  # a LoRA checkpoint holds the adapter, not the frozen base
+            # A LoRA checkpoint holds the adapter, not the frozen base.
+            saver = student if adapter is None else adapter
             where = checkpoint.save(
                 run.checkpoints, state.step, saver, ts, config_yaml, cfg.keep_checkpoints, model_state
             )
