@@ -301,6 +301,15 @@ def test_missing_peft_is_one_line(tiny_dir, tmp_path, cli, monkeypatch):
     )
 
 
+def test_target_modules_from_a_flag_or_a_yaml_list(tiny_dir, tmp_path):
+    assert cfg_for(tiny_dir, tmp_path, lora_target_modules=" c_attn, c_proj,").lora_target_modules == [
+        "c_attn",
+        "c_proj",
+    ]
+    assert cfg_for(tiny_dir, tmp_path, lora_target_modules=["c_fc"]).lora_target_modules == ["c_fc"]
+    assert cfg_for(tiny_dir, tmp_path, lora_target_modules="").lora_target_modules is None  # peft's default
+
+
 def test_bad_lora_settings_are_refused(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="--merge merges a LoRA adapter: it needs --lora"):
         cfg_for(tiny_dir, tmp_path / "r", lora=False, merge=True)
