@@ -1,5 +1,6 @@
 """Atomic, self-describing checkpoints: ``checkpoints/step-000200/`` holds the student
-(``model.safetensors`` + ``config.json``), the resolved config and the trainer state
+(``model.safetensors`` + ``config.json``; for a ``--lora`` run only the adapter,
+``adapter_model.safetensors`` + ``adapter_config.json``), the resolved config and the trainer state
 (optimizer, scheduler, RNG states, data position). A checkpoint is written to a temporary
 directory and renamed into place, so a crash never leaves a half-written ``step-*``.
 
@@ -145,7 +146,7 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
 
 def load_student_state(checkpoint: Path) -> dict[str, Any]:
     """The student's weights as saved (tied output embeddings appear once; loading with
-    ``strict=False`` keeps the tie).
+    ``strict=False`` keeps the tie), or a LoRA run's adapter tensors (peft's key names).
 
     Raises:
         UserError: a damaged or truncated ``model.safetensors`` (one line, with the path).
@@ -154,6 +155,8 @@ def load_student_state(checkpoint: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     path = checkpoint / "model.safetensors"
+    if not path.is_file() and (checkpoint / "adapter_model.safetensors").is_file():
+        path = checkpoint / "adapter_model.safetensors"  # a --lora run: the adapter only
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -100,6 +100,18 @@ def distill(
     eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
     eval_batches: Annotated[int | None, Opt(help="Held-out batches per eval.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
+    lora: Annotated[
+        bool | None, Opt("--lora", help="Train LoRA adapters on the frozen student (needs kdtool[lora]).")
+    ] = None,
+    lora_r: Annotated[int | None, Opt(help="LoRA rank (default 8).")] = None,
+    lora_alpha: Annotated[float | None, Opt(help="LoRA alpha (default 16; scale = alpha / r).")] = None,
+    lora_dropout: Annotated[float | None, Opt(help="Dropout on the LoRA branch (default 0).")] = None,
+    lora_target_modules: Annotated[
+        str | None, Opt(help="Comma-separated module names to adapt (default: peft's for the architecture).")
+    ] = None,
+    merge: Annotated[
+        bool | None, Opt("--merge", help="With --lora: also write the merged model to the run directory.")
+    ] = None,
     report_to: Annotated[
         str | None,
         Opt(help="Also log metrics to tensorboard, wandb and/or trackio (comma-separated), or none."),
@@ -144,6 +156,12 @@ def distill(
         eval_every=eval_every,
         eval_batches=eval_batches,
         save_every=save_every,
+        lora=lora,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules,
+        merge=merge,
         report_to=report_to,
         progress=False if no_progress else None,
         trust_remote_code=trust_remote_code,
@@ -153,6 +171,10 @@ def distill(
     from kdtool.trackers import require_installed
 
     require_installed(cfg.report_to)
+    if cfg.lora:
+        from kdtool.lora import require_peft_installed
+
+        require_peft_installed()
     # The next ~3 s are imports; on a terminal say so at once (transient: nothing is left in logs).
     with err_console.status("importing torch and transformers"):
         from kdtool.trainer import train

@@ -83,6 +83,15 @@ class DistillConfig(BaseModel):
     trust_remote_code: bool = Field(
         False, description="Let models/tokenizers whose config has an auto_map run their own Python code."
     )
+    # LoRA students (kdtool.lora; needs the peft extra)
+    lora: bool = Field(False, description="Train LoRA adapters on the frozen student (needs kdtool[lora]).")
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (default: peft's per-architecture choice)."
+    )
+    merge: bool = Field(False, description="With --lora: also write the merged full model to the run.")
     # bookkeeping
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(
@@ -123,6 +132,13 @@ class DistillConfig(BaseModel):
         batches = self.eval_batches or max(1, min(budget // evals, held_out_batches))
         return every, batches
 
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _parse_targets(cls, value: Any) -> list[str] | None:
+        from kdtool.lora import parse_target_modules
+
+        return parse_target_modules(value)
+
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         from kdtool.registry import get_class
@@ -138,6 +154,10 @@ class DistillConfig(BaseModel):
                 f"objective {self.objective!r} cannot train from a sparse --teacher-cache "
                 f"(objectives that can: {able})"
             )
+        if self.merge and not self.lora:
+            raise ValueError("--merge merges a LoRA adapter: it needs --lora")
+        if self.lora and self.fsdp:
+            raise ValueError("--lora with --fsdp is not supported yet (DDP is: drop --fsdp)")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         return self

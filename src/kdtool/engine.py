@@ -145,7 +145,7 @@ def token_loss_sum(
     plan = _plan(objective, student_hidden, teacher, labels, vocab_size, chunk_size)
 
     parts = linear_parts(student_head)
-    params = [student_hidden] + ([parts.weight, parts.bias] if parts else [])
+    params = [student_hidden] + ([parts.weight, parts.bias] if parts else _module_params(student_head))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if parts is not None and needs_grad:
         loss = _FusedLinearLoss.apply(student_hidden, parts.weight, parts.bias, parts.post, plan)
@@ -154,6 +154,12 @@ def token_loss_sum(
     else:
         (loss,) = _no_grad_losses(student_hidden, student_head, [plan])
     return loss, plan.metrics or {}
+
+
+def _module_params(head: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    # An opaque head may train on its own (LoRA on the output layer only: the hidden states are
+    # then constant, yet the loss needs a gradient for the head's adapter).
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
 
 
 def token_loss_sums(

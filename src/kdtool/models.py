@@ -126,9 +126,16 @@ def load_model(
     devices (and CPU memory) through transformers/accelerate, within ``max_memory`` per device
     when given; ``device`` is then ignored.
     ``trust_remote_code`` lets a model whose config has an ``auto_map`` run its own code.
+    A directory holding only a LoRA adapter (a ``--lora`` run) loads as its base model with the
+    adapter merged in (``kdtool.lora.load_adapter_model``).
     """
     from transformers import AutoModelForCausalLM
 
+    from kdtool import lora
+
+    if lora.is_adapter_dir(name_or_path):
+        base = lambda path: load_model(path, device, dtype, device_map, trust_remote_code)  # noqa: E731
+        return lora.load_adapter_model(name_or_path, base)
     check_remote_code(name_or_path, trust_remote_code)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype) if dtype != "auto" else None

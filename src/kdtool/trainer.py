@@ -25,7 +25,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from kdtool import checkpoint, distributed
+from kdtool import checkpoint, distributed, lora
 from kdtool.config import DistillConfig, read_config_file
 from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, load_examples, split_examples
 from kdtool.distributed import DistInfo
@@ -50,6 +50,11 @@ IDENTITY_FIELDS = (
     "grad_accum",
     "lr",
     "max_length",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
 )
 
 
@@ -468,6 +473,8 @@ def train(
     """
     console = console or Console(stderr=True)
     require_installed(cfg.report_to)  # before anything slow, on every rank alike
+    if cfg.lora:
+        lora.require_peft_installed()
     if cfg.teacher_device_map and distributed.world_size_from_env() > 1:
         # Every rank would spread a whole teacher over all GPUs of the node (N copies fighting for
         # the same memory); --fsdp-teacher shards one teacher over the ranks instead.
@@ -501,6 +508,9 @@ def _train(
     # Data first: a malformed line should stop the run before a large model is loaded.
     train_ds, eval_ds, report = setup_data(cfg, tokenizer)
     student, teacher, vocab, teacher_forward = setup_models(cfg, tokenizer, device, info)
+    # LoRA layers go into `student` in place: everything below trains the same module; the
+    # PeftModel around it only saves and loads the adapter.
+    adapter = lora.apply_lora(student, cfg) if cfg.lora else None
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     loader = BatchLoader(train_ds, cfg.batch_size, cfg.seed, rank=info.rank, world=info.world)
     steps = total_steps(cfg, loader)
@@ -545,7 +555,11 @@ def _train(
         assert last is not None
         saved = checkpoint.load_state(last)
         weights = checkpoint.load_student_state(last)
-        distributed.load_full_state(student, optimizer, weights, saved["optimizer"], sharded)
+        if adapter is not None:
+            lora.load_adapter_state(adapter, weights)
+            optimizer.load_state_dict(saved["optimizer"])
+        else:
+            distributed.load_full_state(student, optimizer, weights, saved["optimizer"], sharded)
         restore(saved, state, loader, scheduler, objective, ctx, info)
         if main:
             console.print(f"resuming {run.root} from {last.name}")
@@ -562,6 +576,7 @@ def _train(
             "world_size": info.world,
             "strategy": ("fsdp" if sharded else "ddp") if info.enabled else "single",
             "teacher_sharded": "teacher_forward" in ctx.extras,
+            "trainable_parameters": lora.trainable_parameters(student)[0],
         }
         log(run, start)
     eval_every, eval_batches = cfg.eval_schedule(steps, held_out_batches(cfg, eval_ds))
@@ -578,8 +593,10 @@ def _train(
         where = run.checkpoints / f"step-{state.step:06d}"
         if main:
             ts = trainer_state(state, snapshot[0], rngs, optim_state, scheduler, ranks)
+            # A LoRA checkpoint holds the adapter, not the frozen base.
+            saver = student if adapter is None else adapter
             where = checkpoint.save(
-                run.checkpoints, state.step, student, ts, config_yaml, cfg.keep_checkpoints, model_state
+                run.checkpoints, state.step, saver, ts, config_yaml, cfg.keep_checkpoints, model_state
             )
         distributed.barrier(info)
         return where
@@ -646,7 +663,7 @@ def _train(
     save_checkpoint()
     final_state = distributed.full_model_state(student, info, sharded)
     if main:
-        finish(run, cfg, student, tokenizer, template_of(cfg), state, train_ds, report, final_state)
+        finish(run, cfg, student, tokenizer, template_of(cfg), state, train_ds, report, final_state, adapter)
     distributed.barrier(info)
     return run.root
 
@@ -683,9 +700,16 @@ def finish(
     train_ds: TokenizedDataset,
     report: LoadReport,
     state_dict: dict[str, torch.Tensor] | None = None,
+    adapter: Any | None = None,
 ) -> None:
-    """Write the final student in Hugging Face format plus kdtool's run summary."""
-    student.save_pretrained(run.root, state_dict=state_dict)
+    """Write the final student in Hugging Face format (or its LoRA adapter, and with ``--merge``
+    the merged model) plus kdtool's run summary."""
+    extra: dict[str, Any] = {}
+    if adapter is not None:
+        extra["lora"] = lora.summary(cfg, adapter)  # before merging unwraps the model
+        lora.save_final(adapter, run.root, cfg.merge)
+    else:
+        student.save_pretrained(run.root, state_dict=state_dict)
     tokenizer.save_pretrained(run.root)
     summary = {
         "objective": cfg.objective,
@@ -701,5 +725,6 @@ def finish(
         "truncated_examples": train_ds.num_truncated,
         "skipped_lines": report.bad_lines,
         "template": template.to_dict(),
+        **extra,
     }
     (run.root / "kdtool.json").write_text(json.dumps(summary, indent=2))

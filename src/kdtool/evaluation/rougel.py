@@ -187,8 +187,12 @@ def load_for_eval(
     local = Path(model_dir)
     if (local.exists() or model_dir.startswith((".", "/"))) and not local.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    from kdtool.lora import is_adapter_dir
+
+    if local.is_dir() and not (local / "config.json").is_file() and not is_adapter_dir(local):
+        raise UserError(
+            f"{model_dir} is not a Hugging Face model directory (no config.json) nor a LoRA run (no adapter_config.json)"
+        )
     dev = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
