@@ -230,7 +230,11 @@ def test_minillm_sharded_equals_ddp_and_resumes(tiny_dir, tmp_path, minillm_conf
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["strategy"] == ("fsdp" if "--fsdp" in flags else "ddp")
     assert start["teacher_sharded"] == ("--fsdp-teacher" in flags)
-    assert_same_weights(reference, out, atol=1e-4)
+    # FSDP's reduce-scatter and DDP's all-reduce sum the ranks' gradients in different orders; after
+    # 6 AdamW steps at lr 0.01 that rounding reaches ~1e-4 on near-zero-gradient entries (seen: 1.03e-4
+    # on 1 of 48). A replay that went wrong differs by far more (0.037 before every rank's sampler
+    # state was saved).
+    assert_same_weights(reference, out, atol=3e-4)
 
 
 # --------------------------------------------------------------------------- --fsdp-teacher loading
