@@ -39,11 +39,19 @@ from kdtool.objective import Metrics, Objective, rows_of_stats
 from kdtool.teacher import TeacherSignal
 
 # Two sizes (bytes of one fp32 [rows, V] block):
-# * CHUNK_BUDGET_BYTES sets ``chunk_size``: the rows whose student logits exist at once and go
-#   through the output-layer matmuls together. Matmuls want long chunks: on CUDA they must amortise
-#   re-reading the [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100; 512 MiB is
-#   ~880 rows at V = 152k; reasoned, not measured here). On CPU, 2-thread MKL matmuls lose ~15%
-#   below ~512 rows (benchmarks/), so 64 MiB (1024 rows at V = 16k).
+# * The *chunk* (``default_chunk_size``): the rows whose student logits exist at once and go through
+#   the output-layer matmuls together. The rule is rows = clamp(budget / (V × 4 bytes), lo, hi), with a
+#   budget and a floor per device type:
+#   - CPU: CHUNK_BUDGET_BYTES["cpu"], at least CHUNK_MIN_ROWS["cpu"] rows. From benchmarks/chunk_cpu.md
+#     (``python benchmarks/bench_chunk.py``: one fkl step, lazy teacher, V = 16k / 32k / 152k on the
+#     2-core CPU): the step time is flat from 64 to 256 rows and rises above (the [chunk, V] buffer,
+#     written three times, no longer stays in cache and its pages fault in), and the peak grows with the
+#     chunk; the previous 64 MiB budget (1,024 rows at V = 16k) was ~20% slower and took ~2× the memory
+#     of the best chunk. The floor keeps each matmul long enough at V = 152k, where the budget alone
+#     would give < 32 rows.
+#   - CUDA: 512 MiB (~880 rows at V = 152k): matmuls must amortise re-reading the [V, H] weight three
+#     times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured here (no GPU was lent;
+#     ``bench_chunk.py --device cuda`` measures it).
 # * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a
 #   chunk, i.e. its ~10 temporaries of [rows, V] (log-softmaxes, products, their gradients). On CPU
 #   slices are far faster than whole chunks: for fkl over 2048 × 16k logits, loss + backward took
@@ -51,22 +59,26 @@ from kdtool.teacher import TeacherSignal
 #   time with 2 threads came at 384 rows (24 MiB). Temporaries of ≥ 32 MiB are served by fresh
 #   mmaps (glibc's largest mmap threshold) whose every page faults in; smaller ones reuse the heap.
 #   Hence 12 MiB per intra-op thread, capped below 32 MiB. On CUDA one slice = one chunk.
-CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+CHUNK_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+CHUNK_MIN_ROWS = {"cpu": 32, "cuda": 128}
 CPU_SLICE_BYTES_PER_THREAD = 12 * 2**20
 CPU_SLICE_MAX_BYTES = 28 * 2**20
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
 
 
-def _rows_for(budget: int, vocab_size: int) -> int:
+def _rows_for(budget: int, vocab_size: int, floor: int = MIN_CHUNK_ROWS) -> int:
+    """clamp(budget / (4 V), floor, MAX_CHUNK_ROWS), rounded down to a multiple of 16 rows."""
     rows = budget // (4 * max(vocab_size, 1))
-    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)))
+    return int(min(MAX_CHUNK_ROWS, max(floor, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)))
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Rows per chunk such that one fp32 ``[chunk, V]`` block is about ``CHUNK_BUDGET_BYTES``."""
+    """Rows per chunk: one fp32 ``[chunk, V]`` block of about ``CHUNK_BUDGET_BYTES`` of the device
+    type, at least ``CHUNK_MIN_ROWS`` of it (devices other than CPU take CUDA's; see above)."""
     kind = torch.device(device).type
-    return _rows_for(CHUNK_BUDGET_BYTES.get(kind, CHUNK_BUDGET_BYTES["cuda"]), vocab_size)
+    kind = kind if kind in CHUNK_BUDGET_BYTES else "cuda"
+    return _rows_for(CHUNK_BUDGET_BYTES[kind], vocab_size, CHUNK_MIN_ROWS[kind])
 
 
 def slice_size(vocab_size: int, chunk_size: int, device: torch.device | str = "cpu") -> int:
