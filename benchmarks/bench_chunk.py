@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         res = measure(args, vocab, rows, chunks)
         results.append({"vocab": vocab, "rows": rows, "results": {str(c): r for c, r in res.items()}})
         print("\n".join(table(vocab, rows, default, res)), flush=True)
-    command = "python benchmarks/bench_chunk.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_chunk.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     header = [
         f"`{command.strip()}`",
         "",

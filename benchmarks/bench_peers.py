@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"| {name} | {m['wall_s']:.1f} ({walls}) | {m['rss_mib']:.0f} | {ratio} |")
     if "trl" not in cmds:
         rows += ["", "TRL not installed (`pip install -e '.[bench]'`): no TRL row."]
-    command = "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Whole-run speed against peers (CPU)",
         "",

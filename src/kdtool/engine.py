@@ -40,18 +40,21 @@ from kdtool.teacher import TeacherSignal
 
 # Two sizes (bytes of one fp32 [rows, V] block):
 # * The *chunk* (``default_chunk_size``): the rows whose student logits exist at once and go through
-#   the output-layer matmuls together. The rule is rows = clamp(budget / (V × 4 bytes), lo, hi), with a
+#   the output-layer matmuls together. The rule is rows = clamp(budget / (V × 4 bytes), lo, 8192), with a
 #   budget and a floor per device type:
-#   - CPU: CHUNK_BUDGET_BYTES["cpu"], at least CHUNK_MIN_ROWS["cpu"] rows. From benchmarks/chunk_cpu.md
-#     (``python benchmarks/bench_chunk.py``: one fkl step, lazy teacher, V = 16k / 32k / 152k on the
-#     2-core CPU): the step time is flat from 64 to 256 rows and rises above (the [chunk, V] buffer,
-#     written three times, no longer stays in cache and its pages fault in), and the peak grows with the
-#     chunk; the previous 64 MiB budget (1,024 rows at V = 16k) was ~20% slower and took ~2× the memory
-#     of the best chunk. The floor keeps each matmul long enough at V = 152k, where the budget alone
-#     would give < 32 rows.
-#   - CUDA: 512 MiB (~880 rows at V = 152k): matmuls must amortise re-reading the [V, H] weight three
-#     times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured here (no GPU was lent;
-#     ``bench_chunk.py --device cuda`` measures it).
+#   - CPU: 64 MiB, at least 512 rows. From benchmarks/chunk_cpu.md (``python benchmarks/bench_chunk.py``:
+#     one fkl step of the output layers with a lazy teacher, H = 256 / 512, 32–1,024-row chunks, one
+#     process each, on the shared 2-core CPU): the fastest chunk was 1,024 rows at V = 16k, 256 at 32k
+#     and 1,024 at 152k, with 512–1,024 rows within 7% of it everywhere but one noisy 16k point, while
+#     32–128-row chunks were 13–100% slower at 16k and 32k and ≥ 30% slower at 152k (CPU time
+#     +30%); the peak grows with the chunk (16k: 62 MiB at 32 rows, 466 MiB at 1,024). The budget alone
+#     (64 MiB) gives 1,024 rows at 16k and 512 at 32k, but only 96 at 152k, 2.5× slower than the best:
+#     hence the floor. The rule is within 10% of the fastest chunk's step time and below its peak at the
+#     three V measured. Smaller ``--chunk-size`` values trade step time (up to 2× at 32 rows) for memory
+#     (down to 1/7 of the peak at V = 16k).
+#   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
+#     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
+#     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
 # * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a
 #   chunk, i.e. its ~10 temporaries of [rows, V] (log-softmaxes, products, their gradients). On CPU
 #   slices are far faster than whole chunks: for fkl over 2048 × 16k logits, loss + backward took
@@ -59,8 +62,8 @@ from kdtool.teacher import TeacherSignal
 #   time with 2 threads came at 384 rows (24 MiB). Temporaries of ≥ 32 MiB are served by fresh
 #   mmaps (glibc's largest mmap threshold) whose every page faults in; smaller ones reuse the heap.
 #   Hence 12 MiB per intra-op thread, capped below 32 MiB. On CUDA one slice = one chunk.
-CHUNK_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
-CHUNK_MIN_ROWS = {"cpu": 32, "cuda": 128}
+CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+CHUNK_MIN_ROWS = {"cpu": 512, "cuda": 128}
 CPU_SLICE_BYTES_PER_THREAD = 12 * 2**20
 CPU_SLICE_MAX_BYTES = 28 * 2**20
 MIN_CHUNK_ROWS = 16
