@@ -428,12 +428,16 @@ def _no_grad_losses(hidden: Tensor, head: Callable[[Tensor], Tensor], plans: lis
     first = plans[0]
     sums: list[list[Tensor]] = [[] for _ in plans]
     with torch.no_grad():
-        for rows in first.chunks:
-            logits = head(hidden[rows])[..., : first.vocab_size]  # [c, V]
-            teacher = first.teacher_rows(rows)
-            for plan, parts in zip(plans, sums, strict=True):
-                losses, metrics = plan.losses(logits, teacher, rows)
-                plan.add_metrics(metrics)
-                parts.append(losses.sum())
+        for chunk in first.chunks:
+            # In slices, like the fused path: each probe's [rows, V] temporaries stay below the slice
+            # budget on CPU (whole 1,024-row chunks at V = 16k made evaluation the run's RSS peak).
+            for part in _chunks(chunk.stop - chunk.start, first.slice_rows):
+                rows = slice(chunk.start + part.start, chunk.start + part.stop)
+                logits = head(hidden[rows])[..., : first.vocab_size]  # [s, V]
+                teacher = first.teacher_rows(rows)
+                for plan, parts in zip(plans, sums, strict=True):
+                    losses, metrics = plan.losses(logits, teacher, rows)
+                    plan.add_metrics(metrics)
+                    parts.append(losses.sum())
     # Added chunk after chunk, in order: the same float result as one objective on its own.
     return [functools.reduce(operator.add, parts) for parts in sums]
