@@ -5,7 +5,7 @@ PIP = $(PY) -m pip
 # changes).
 STAMP = .venv/.installed
 
-.PHONY: install demo demo-quick test test-fast lint bench clean
+.PHONY: install demo demo-quick test test-fast lint bench bench-chunk bench-peers clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -38,6 +38,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --rounds 2
+
+# Step time and peak memory against the engine's chunk size (V = 16k, 32k, 152k) -> benchmarks/chunk_cpu.md
+bench-chunk: $(STAMP)
+	$(PY) benchmarks/bench_chunk.py
+
+# Whole runs: kdtool distill vs a hand-written loop (and TRL's GKDTrainer when `trl` is installed,
+# `pip install -e ".[bench]"`) -> benchmarks/peers_cpu.md; needs ../shared/data (skips without it)
+bench-peers: $(STAMP)
+	$(PY) benchmarks/bench_peers.py --rounds 3
 
 clean:
 	rm -rf build dist runs demo_runs .pytest_cache

@@ -6,6 +6,9 @@ Each function returns Markdown lines for the report. All of them also run on CPU
     python benchmarks/gpu_check.py engine --device cuda --vocab 151936 >> report.md
     python benchmarks/gpu_check.py models --output DIR        # tiny random Qwen2 pair + data
     python benchmarks/gpu_check.py rollout --models DIR --device cuda >> report.md
+    python benchmarks/gpu_check.py cuda-vs-cpu --device cuda >> report.md
+    python benchmarks/gpu_check.py qwen --device cuda >> report.md   # Qwen2.5 0.5B/1.5B shapes: fkl vs sft
+    python benchmarks/gpu_check.py rollout-speed --device cuda >> report.md
     python benchmarks/gpu_check.py compare A B               # max |Δ| of two students' weights
     python benchmarks/gpu_check.py same-eval A.json B.json   # two eval outputs equal but for timings
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +206,277 @@ def rollout_logprobs(
     ]
 
 
+def cuda_vs_cpu(
+    device: torch.device,
+    vocab: int = 32_768,
+    rows: int = 512,
+    hidden: int = 256,
+    objectives: tuple[str, ...] = ("fkl", "rkl", "jsd", "sft"),
+) -> list[str]:
+    """The fused engine on ``device`` (fp32, then bf16 autocast) against the plain loss on CPU in
+    fp64, same weights: relative differences of the loss and of the head's gradient."""
+    import kdtool
+    from kdtool.engine import plain_token_loss_sum, token_loss_sum
+    from kdtool.teacher import TeacherSignal
+
+    lines = [
+        f"### Fused engine on {device.type} vs the plain loss on CPU (fp64): V = {vocab:,}, N = {rows}, H = {hidden}",
+        "",
+        "| objective | precision | rel. Δ loss | max rel. Δ grad |",
+        "|---|---|---|---|",
+    ]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+    t_weight = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+    hidden_cpu = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+
+    def run(
+        name: str, dev: torch.device, dtype: torch.dtype, bf16: bool, fn: Any
+    ) -> tuple[float, torch.Tensor]:
+        head = torch.nn.Linear(hidden, vocab, bias=False, device=dev, dtype=dtype)
+        t_head = torch.nn.Linear(hidden, vocab, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            t_head.weight.copy_(t_weight)
+        objective = kdtool.get_objective(name)
+        teacher = (
+            TeacherSignal.lazy(t_hidden.to(dev, dtype), t_head, vocab)
+            if objective.needs_teacher
+            else TeacherSignal.none()
+        )
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = fn(objective, hidden_cpu.to(dev, dtype), head, teacher, labels.to(dev), vocab)
+        loss.backward()
+        assert head.weight.grad is not None
+        return float(loss), head.weight.grad.double().cpu()
+
+    for name in objectives:
+        ref_loss, ref_grad = run(name, torch.device("cpu"), torch.float64, False, plain_token_loss_sum)
+        for label, bf16 in (("fp32", False), ("bf16 autocast", True)):
+            if bf16 and device.type != "cuda":
+                continue
+            loss, grad = run(name, device, torch.float32, bf16, token_loss_sum)
+            rel_loss = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
+            rel_grad = float((grad - ref_grad).abs().max() / ref_grad.abs().max().clamp(min=1e-30))
+            lines.append(f"| {name} | {label} | {rel_loss:.2e} | {rel_grad:.2e} |")
+    return [*lines, ""]
+
+
+# Qwen2.5 shapes (config.json of Qwen/Qwen2.5-0.5B and -1.5B); random weights.
+QWEN_SHAPES = {
+    "0.5B": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "1.5B": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+}
+TINY_SHAPES = {
+    "0.5B": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "1.5B": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def _qwen(shape: dict[str, Any], vocab: int, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=4096, **shape)
+    config._attn_implementation = "sdpa"
+    with device:  # initialised where it runs: a 1.5B random init on the host takes ~30 s
+        return Qwen2ForCausalLM(config).to(dtype=dtype)
+
+
+def n_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def qwen_step_speed(
+    device: torch.device,
+    vocab: int = 151_936,
+    batch: int = 4,
+    seq: int = 1024,
+    steps: int = 4,
+    tiny: bool = False,
+    peak_tflops: float | None = None,
+) -> list[str]:
+    """One optimizer step of the trainer's arithmetic (trunk → engine → AdamW, bf16 autocast on
+    CUDA, bf16 teacher) at Qwen2.5 0.5B-student / 1.5B-teacher shapes with random weights: peak
+    memory, tokens/s and MFU of fkl against SFT of the same student."""
+    import kdtool
+    from kdtool.engine import default_chunk_size, token_loss_sum
+    from kdtool.models import hidden_states, output_head
+    from kdtool.teacher import TeacherSignal
+
+    shapes = TINY_SHAPES if tiny else QWEN_SHAPES
+    cuda = device.type == "cuda"
+    teacher = _qwen(shapes["1.5B"], vocab, device, torch.bfloat16 if cuda else torch.float32, 1).eval()
+    teacher.requires_grad_(False)
+    if peak_tflops is None and cuda:
+        name = torch.cuda.get_device_name(device)
+        peak_tflops = 989.0 if ("H100" in name or "H200" in name) else None
+    lines = [
+        f"### Training step at Qwen2.5 shapes (student 0.5B, teacher 1.5B; random weights; V = {vocab:,}; "
+        f"batch {batch} × {seq} tokens; chunk {default_chunk_size(vocab, device)} rows)",
+        "",
+        "| objective | peak GB | step s | tokens/s | model TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("fkl", "sft"):
+        student = _qwen(shapes["0.5B"], vocab, device, torch.float32, 2).train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        objective = kdtool.get_objective(name)
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        mask = torch.ones_like(ids)
+        labels = ids[:, 1:].reshape(-1)
+
+        def step(
+            student: Any = student,
+            optimizer: Any = optimizer,
+            objective: Any = objective,
+            ids: torch.Tensor = ids,
+            mask: torch.Tensor = mask,
+            labels: torch.Tensor = labels,
+        ) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                signal = TeacherSignal.none()
+                if objective.needs_teacher:
+                    with torch.no_grad():
+                        t_hidden = hidden_states(teacher, ids, mask)[:, :-1].reshape(
+                            -1, teacher.config.hidden_size
+                        )
+                    signal = TeacherSignal.lazy(t_hidden, output_head(teacher), vocab)
+                hidden = hidden_states(student, ids, mask)[:, :-1].reshape(-1, student.config.hidden_size)
+                loss, _ = token_loss_sum(objective, hidden, output_head(student), signal, labels, vocab)
+            (loss.float() / labels.numel()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up: kernels, AdamW state
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+        tokens = labels.numel()
+        # 6 FLOPs per parameter and token for the student (forward + backward), 2 for the teacher.
+        flops = 6 * n_params(student) * tokens + (
+            2 * n_params(teacher) * tokens if objective.needs_teacher else 0
+        )
+        tflops = flops / seconds / 1e12
+        mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "–"
+        lines.append(
+            f"| {name} | {peak:.2f} | {seconds:.3f} | {tokens / seconds:,.0f} | {tflops:.1f} | {mfu} |"
+        )
+        del student, optimizer
+        if cuda:
+            torch.cuda.empty_cache()
+    return [*lines, ""]
+
+
+@torch.no_grad()
+def rollout_speed(
+    device: torch.device,
+    vocab: int = 151_936,
+    batch: int = 32,
+    prompt: int = 128,
+    new_tokens: int = 128,
+    tiny: bool = False,
+) -> list[str]:
+    """minillm's rollout (``kdtool.rollout.sample``: student samples from 0.2·p + 0.8·q, the
+    teacher steps along) against HF ``generate`` of the teacher alone, sampled tokens/s, at the
+    Qwen2.5 shapes (random weights, EOS disabled so every row samples ``new_tokens``)."""
+    from kdtool.rollout import sample
+
+    shapes = TINY_SHAPES if tiny else QWEN_SHAPES
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    teacher = _qwen(shapes["1.5B"], vocab, device, dtype, 1).eval()
+    student = _qwen(shapes["0.5B"], vocab, device, torch.float32, 2).eval()
+    ids = torch.randint(0, vocab, (batch, prompt), device=device)
+    mask = torch.ones_like(ids)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def minillm() -> None:
+        with autocast:
+            sample(
+                student,
+                ids,
+                mask,
+                eos_token_id=None,
+                pad_token_id=0,
+                max_new_tokens=new_tokens,
+                teacher=teacher,
+                alpha=0.2,
+                generator=g,
+                vocab_size=vocab,
+            )
+
+    def hf_teacher() -> None:
+        teacher.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+
+    lines = [
+        f"### Rollout tokens/s (batch {batch}, prompt {prompt}, {new_tokens} new tokens, V = {vocab:,})",
+        "",
+        "| sampler | s | sampled tokens/s |",
+        "|---|---|---|",
+    ]
+    for name, fn in (
+        ("kdtool minillm rollout (student + teacher, α = 0.2)", minillm),
+        ("HF generate, teacher alone", hf_teacher),
+    ):
+        fn()  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        lines.append(f"| {name} | {seconds:.2f} | {batch * new_tokens / seconds:,.0f} |")
+    return [*lines, ""]
+
+
 def max_weight_difference(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
@@ -243,6 +518,15 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("rollout")
     r.add_argument("--models", type=Path, required=True)
     r.add_argument("--device", default="cuda")
+    cc = sub.add_parser("cuda-vs-cpu")
+    cc.add_argument("--device", default="cuda")
+    q = sub.add_parser("qwen")
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--tiny", action="store_true", help="Tiny shapes (a CPU dry run).")
+    q.add_argument("--seq", type=int, default=1024)
+    ro = sub.add_parser("rollout-speed")
+    ro.add_argument("--device", default="cuda")
+    ro.add_argument("--tiny", action="store_true", help="Tiny shapes (a CPU dry run).")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -256,6 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         make_models(args.output)
     elif args.cmd == "rollout":
         print("\n".join(rollout_logprobs(args.models, torch.device(args.device))))
+    elif args.cmd == "cuda-vs-cpu":
+        print("\n".join(cuda_vs_cpu(torch.device(args.device))))
+    elif args.cmd == "qwen":
+        vocab = 2048 if args.tiny else 151_936
+        lines = qwen_step_speed(torch.device(args.device), vocab=vocab, seq=args.seq, tiny=args.tiny)
+        print("\n".join(lines))
+    elif args.cmd == "rollout-speed":
+        vocab = 2048 if args.tiny else 151_936
+        print("\n".join(rollout_speed(torch.device(args.device), vocab=vocab, tiny=args.tiny)))
     elif args.cmd == "same-eval":
         print(same_eval(args.a, args.b))
     else:

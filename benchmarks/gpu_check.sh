@@ -11,7 +11,14 @@
 #      for fkl, atkd, slim and minillm, on a tiny random Qwen2 pair saved locally;
 #   3. minillm's KV-cached bf16 rollout log-probs vs a full-forward recompute;
 #   4. cache-logits on CUDA and training from the cache;
-#   5. eval rougel on CUDA twice with one seed (the scores must be equal).
+#   5. eval rougel on CUDA twice with one seed (the scores must be equal);
+#   issue #14's GPU items:
+#   6. the CUDA tests (`pytest -m gpu`) and the fused engine on CUDA (fp32, bf16 autocast) against
+#      the plain loss on CPU in fp64;
+#   7. one training step at Qwen2.5 0.5B-student / 1.5B-teacher shapes (random weights): peak memory,
+#      tokens/s and MFU of fkl against SFT of the same student;
+#   8. minillm's rollout tokens/s against HF `generate` of the teacher alone, same shapes;
+#   9. NCCL start-up with one rank: a 2-step distill under torchrun on the tiny pair.
 # Each step has its own time limit and its failure is reported, not fatal.
 set -uo pipefail
 
@@ -95,6 +102,32 @@ for i in 1 2; do
     --output "$WORK/pred-$i.jsonl" --no-progress
 done
 run 30 "$PY" "$HERE/gpu_check.py" same-eval "$WORK/pred-1.jsonl" "$WORK/pred-2.jsonl"
+
+section "6. CUDA tests and the fused engine on CUDA vs a CPU reference"
+if [ "$DEV" = cuda ]; then
+  run 90 "$PY" -m pytest -q -m gpu "$HERE/../tests" -p no:cacheprovider
+fi
+run 60 "$PY" "$HERE/gpu_check.py" cuda-vs-cpu --device "$DEV"
+
+TINY=()
+[ "$DEV" = cuda ] || TINY=(--tiny)  # the dry run: tiny shapes
+section "7. Distillation vs SFT at Qwen2.5 0.5B / 1.5B shapes: peak memory, tokens/s, MFU"
+run 120 "$PY" "$HERE/gpu_check.py" qwen --device "$DEV" "${TINY[@]}"
+
+section "8. minillm rollout vs HF generate of the teacher alone"
+run 90 "$PY" "$HERE/gpu_check.py" rollout-speed --device "$DEV" "${TINY[@]}"
+
+section "9. NCCL start-up with one rank (torchrun, 2 steps)"
+start=$SECONDS  # the backend follows the device: NCCL on CUDA, gloo in the CPU dry run
+if timeout 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m kdtool distill \
+  --objective fkl "${COMMON[@]}" --output "$WORK/ddp1" --max-steps 2 >"$WORK/ddp.log" 2>&1; then
+  echo "- torchrun, 1 rank, 2 steps: ok, $((SECONDS - start)) s from launch to exit (process start, NCCL init, 2 steps, save)" >>"$REPORT"
+  grep -m1 -i "nccl\|backend\|world" "$WORK/ddp.log" >>"$REPORT" || true
+else
+  printf '**FAILED** after %ss\n\n```\n' "$((SECONDS - start))" >>"$REPORT"
+  tail -n 20 "$WORK/ddp.log" >>"$REPORT"
+  printf '```\n' >>"$REPORT"
+fi
 
 printf '\n(total %ss)\n' "$SECONDS" >>"$REPORT"
 rm -rf "$WORK"

@@ -283,8 +283,56 @@ def test_gradient_scaled_by_upstream_gradient():
     torch.testing.assert_close(head.weight.grad, expected[1])
 
 
+@pytest.mark.parametrize(
+    ("vocab", "device", "rows"),
+    [
+        # CPU: 64 MiB of fp32 logits, at least 512 rows (benchmarks/chunk_cpu.md)
+        (16384, "cpu", 1024),
+        (32768, "cpu", 512),
+        (151936, "cpu", 512),
+        (10**9, "cpu", 512),
+        # CUDA: 512 MiB, at least 128 rows, at most 8192
+        (16384, "cuda", 8192),
+        (151936, "cuda", 880),
+        (152064, "cuda", 880),
+        (10**9, "cuda", 128),
+        (151936, "mps", 880),  # other accelerators take CUDA's rule
+    ],
+)
+def test_default_chunk_rule(vocab, device, rows):
+    assert default_chunk_size(vocab, device) == rows
+
+
+def test_default_chunk_is_within_the_budget():
+    for vocab in (1000, 16384, 32768, 50257, 151936):
+        rows = default_chunk_size(vocab, "cpu")
+        assert rows % 16 == 0
+        assert rows * vocab * 4 <= kdtool.engine.CHUNK_BUDGET_BYTES["cpu"] or rows == 512
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "atkd", "sft"])
+def test_default_chunk_equals_plain_at_a_real_vocabulary(name):
+    """At V = 65,536 the CPU default (512 rows) cuts 1,100 rows into 3 chunks: same loss and grads."""
+    vocab, n, h = 65536, 1100, 4
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).requires_grad_(True)
+    head = nn.Linear(h, vocab, bias=False).double()
+    t_head = nn.Linear(h, vocab, bias=False).double().requires_grad_(False)
+    teacher = TeacherSignal.lazy(torch.randn(n, h, generator=g, dtype=torch.float64), t_head, vocab)
+    objective = kdtool.get_objective(name)
+    if not objective.needs_teacher:
+        teacher = TeacherSignal.none()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    assert default_chunk_size(vocab, hidden.device) < n
+    results = []
+    for fn in (token_loss_sum, plain_token_loss_sum):
+        loss, _ = fn(objective, hidden, head, teacher, labels, vocab)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [hidden, head.weight])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_default_sizes_follow_the_budgets():
-    assert default_chunk_size(16384, "cpu") * 16384 * 4 <= 64 * 2**20
     assert slice_size(16384, 1024, "cpu") * 16384 * 4 < 32 * 2**20  # below glibc's mmap threshold
     assert slice_size(16384, 1024, "cuda") == 1024  # one slice per chunk on GPUs
     assert default_chunk_size(152064, "cuda") >= 512

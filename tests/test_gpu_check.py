@@ -55,3 +55,24 @@ def test_same_eval_ignores_timings_only(tmp_path):
     c.write_text(json.dumps({"summary": {"rougeL": {"mean": 50.0}}, "per_seed": [{"wall_s": 1.0, "p": "y"}]}))
     assert "agree" in check.same_eval(a, b)
     assert "differ" in check.same_eval(a, c)
+
+
+def test_issue14_checks_run_on_cpu():
+    check = gpu_check()
+    cpu = torch.device("cpu")
+    rows = [line for line in check.cuda_vs_cpu(cpu, vocab=512, rows=16, hidden=8) if "| fp32 |" in line]
+    assert len(rows) == 4
+    for row in rows:  # the fused engine in fp32 against the plain loss in fp64
+        rel_loss, rel_grad = (float(x) for x in row.split("|")[3:5])
+        assert rel_loss < 1e-5 and rel_grad < 1e-4
+    speed = check.qwen_step_speed(cpu, vocab=512, batch=2, seq=16, steps=1, tiny=True)
+    assert [
+        line.split("|")[1].strip() for line in speed if line.startswith("| fkl") or line.startswith("| sft")
+    ] == [
+        "fkl",
+        "sft",
+    ]
+    rollout = check.rollout_speed(cpu, vocab=512, batch=2, prompt=4, new_tokens=4, tiny=True)
+    assert (
+        sum("tokens/s" not in line and line.startswith("| ") and "---" not in line for line in rollout) == 2
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("demo", "demo-quick", "test", "test-fast", "lint", "bench")
+COMMANDS = ("demo", "demo-quick", "test", "test-fast", "lint", "bench", "bench-chunk", "bench-peers")
 INSTALL = ("python3 -m venv .venv", "pip install -q torch==2.13.0", 'pip install -q -e ".[dev,dist]"')
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -39,11 +39,22 @@ from kdtool.objective import Metrics, Objective, rows_of_stats
 from kdtool.teacher import TeacherSignal
 
 # Two sizes (bytes of one fp32 [rows, V] block):
-# * CHUNK_BUDGET_BYTES sets ``chunk_size``: the rows whose student logits exist at once and go
-#   through the output-layer matmuls together. Matmuls want long chunks: on CUDA they must amortise
-#   re-reading the [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100; 512 MiB is
-#   ~880 rows at V = 152k; reasoned, not measured here). On CPU, 2-thread MKL matmuls lose ~15%
-#   below ~512 rows (benchmarks/), so 64 MiB (1024 rows at V = 16k).
+# * The *chunk* (``default_chunk_size``): the rows whose student logits exist at once and go through
+#   the output-layer matmuls together. The rule is rows = clamp(budget / (V × 4 bytes), lo, 8192), with a
+#   budget and a floor per device type:
+#   - CPU: 64 MiB, at least 512 rows. From benchmarks/chunk_cpu.md (``python benchmarks/bench_chunk.py``:
+#     one fkl step of the output layers with a lazy teacher, H = 256 / 512, 32–1,024-row chunks, one
+#     process each, on the shared 2-core CPU): the fastest chunk was 1,024 rows at V = 16k, 256 at 32k
+#     and 1,024 at 152k, with 512–1,024 rows within 7% of it everywhere but one noisy 16k point, while
+#     32–128-row chunks were 13–100% slower at 16k and 32k and ≥ 30% slower at 152k (CPU time
+#     +30%); the peak grows with the chunk (16k: 62 MiB at 32 rows, 466 MiB at 1,024). The budget alone
+#     (64 MiB) gives 1,024 rows at 16k and 512 at 32k, but only 96 at 152k, 2.5× slower than the best:
+#     hence the floor. The rule is within 10% of the fastest chunk's step time and below its peak at the
+#     three V measured. Smaller ``--chunk-size`` values trade step time (up to 2× at 32 rows) for memory
+#     (down to 1/7 of the peak at V = 16k).
+#   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
+#     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
+#     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
 # * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a
 #   chunk, i.e. its ~10 temporaries of [rows, V] (log-softmaxes, products, their gradients). On CPU
 #   slices are far faster than whole chunks: for fkl over 2048 × 16k logits, loss + backward took
@@ -52,21 +63,25 @@ from kdtool.teacher import TeacherSignal
 #   mmaps (glibc's largest mmap threshold) whose every page faults in; smaller ones reuse the heap.
 #   Hence 12 MiB per intra-op thread, capped below 32 MiB. On CUDA one slice = one chunk.
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+CHUNK_MIN_ROWS = {"cpu": 512, "cuda": 128}
 CPU_SLICE_BYTES_PER_THREAD = 12 * 2**20
 CPU_SLICE_MAX_BYTES = 28 * 2**20
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
 
 
-def _rows_for(budget: int, vocab_size: int) -> int:
+def _rows_for(budget: int, vocab_size: int, floor: int = MIN_CHUNK_ROWS) -> int:
+    """clamp(budget / (4 V), floor, MAX_CHUNK_ROWS), rounded down to a multiple of 16 rows."""
     rows = budget // (4 * max(vocab_size, 1))
-    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)))
+    return int(min(MAX_CHUNK_ROWS, max(floor, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)))
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Rows per chunk such that one fp32 ``[chunk, V]`` block is about ``CHUNK_BUDGET_BYTES``."""
+    """Rows per chunk: one fp32 ``[chunk, V]`` block of about ``CHUNK_BUDGET_BYTES`` of the device
+    type, at least ``CHUNK_MIN_ROWS`` of it (devices other than CPU take CUDA's; see above)."""
     kind = torch.device(device).type
-    return _rows_for(CHUNK_BUDGET_BYTES.get(kind, CHUNK_BUDGET_BYTES["cuda"]), vocab_size)
+    kind = kind if kind in CHUNK_BUDGET_BYTES else "cuda"
+    return _rows_for(CHUNK_BUDGET_BYTES[kind], vocab_size, CHUNK_MIN_ROWS[kind])
 
 
 def slice_size(vocab_size: int, chunk_size: int, device: torch.device | str = "cpu") -> int:
@@ -419,12 +434,16 @@ def _no_grad_losses(hidden: Tensor, head: Callable[[Tensor], Tensor], plans: lis
     first = plans[0]
     sums: list[list[Tensor]] = [[] for _ in plans]
     with torch.no_grad():
-        for rows in first.chunks:
-            logits = head(hidden[rows])[..., : first.vocab_size]  # [c, V]
-            teacher = first.teacher_rows(rows)
-            for plan, parts in zip(plans, sums, strict=True):
-                losses, metrics = plan.losses(logits, teacher, rows)
-                plan.add_metrics(metrics)
-                parts.append(losses.sum())
+        for chunk in first.chunks:
+            # In slices, like the fused path: each probe's [rows, V] temporaries stay below the slice
+            # budget on CPU (whole 1,024-row chunks at V = 16k made evaluation the run's RSS peak).
+            for part in _chunks(chunk.stop - chunk.start, first.slice_rows):
+                rows = slice(chunk.start + part.start, chunk.start + part.stop)
+                logits = head(hidden[rows])[..., : first.vocab_size]  # [s, V]
+                teacher = first.teacher_rows(rows)
+                for plan, parts in zip(plans, sums, strict=True):
+                    losses, metrics = plan.losses(logits, teacher, rows)
+                    plan.add_metrics(metrics)
+                    parts.append(losses.sum())
     # Added chunk after chunk, in order: the same float result as one objective on its own.
     return [functools.reduce(operator.add, parts) for parts in sums]
