@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def tiny_run_flags(tiny_dir: Path, out: Path, **overrides):
+    """The distill flags most trainer tests share: fkl from the tiny pair, batch 4, lr 1e-2, seed 3."""
+    return dict(
+        objective="fkl",
+        teacher=str(tiny_dir / "teacher"),
+        student=str(tiny_dir / "student"),
+        data=str(tiny_dir / "data" / "train.jsonl"),
+        output=str(out),
+        batch_size=4,
+        lr=1e-2,
+        log_every=1,
+        progress=False,
+        seed=3,
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from kdtool.synthetic import build_tokenizer

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import kdtool.engine
+from conftest import tiny_run_flags
 from kdtool import lora, trainer
 from kdtool.config import resolve
 from kdtool.engine import plain_token_loss_sum, token_loss_sum
@@ -35,23 +36,15 @@ def one_thread():
 
 
 def cfg_for(tiny_dir, out, **overrides):
-    flags = dict(
-        objective="fkl",
-        teacher=str(tiny_dir / "teacher"),
-        student=str(tiny_dir / "student"),
-        data=str(tiny_dir / "data" / "train.jsonl"),
-        output=str(out),
+    flags = tiny_run_flags(
+        tiny_dir,
+        out,
         max_steps=6,
-        batch_size=4,
-        lr=1e-2,
         warmup_steps=2,
-        log_every=1,
         eval_every=3,
         save_every=2,
         eval_batches=1,
         max_length=80,
-        progress=False,
-        seed=3,
         lora=True,
     )
     flags.update(overrides)

@@ -12,26 +12,19 @@ import types
 
 import pytest
 
+from conftest import tiny_run_flags
 from kdtool import trackers, trainer
 from kdtool.config import resolve
 from kdtool.errors import UserError
 
 
 def flags_for(tiny_dir, out, **overrides):
-    flags = dict(
-        objective="fkl",
-        teacher=str(tiny_dir / "teacher"),
-        student=str(tiny_dir / "student"),
-        data=str(tiny_dir / "data" / "train.jsonl"),
-        output=str(out),
+    flags = tiny_run_flags(
+        tiny_dir,
+        out,
         max_steps=3,
-        batch_size=4,
-        lr=1e-2,
-        log_every=1,
         eval_every=3,
         eval_batches=1,
-        progress=False,
-        seed=3,
     )
     return flags | overrides
 

@@ -9,27 +9,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_run_flags
 from kdtool import trainer
 from kdtool.config import resolve
 
 
 def cfg_for(tiny_dir, out, **overrides):
-    flags = dict(
-        objective="fkl",
-        teacher=str(tiny_dir / "teacher"),
-        student=str(tiny_dir / "student"),
-        data=str(tiny_dir / "data" / "train.jsonl"),
-        output=str(out),
+    flags = tiny_run_flags(
+        tiny_dir,
+        out,
         max_steps=6,
-        batch_size=4,
-        lr=1e-2,
         warmup_steps=2,
-        log_every=1,
         eval_every=3,
         save_every=2,
         eval_batches=2,
-        progress=False,
-        seed=3,
     )
     flags.update(overrides)
     return resolve(None, flags)
