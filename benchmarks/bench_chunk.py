@@ -87,7 +87,7 @@ def table(vocab: int, rows: int, default: int, res: dict[int, dict[str, float]])
 
 def render(saved: dict[str, Any], device: str) -> str:
     """The report: the header, then one table per V with the engine's current default marked."""
-    from kdtool.engine import default_chunk_size
+    from kdtool.chunking import default_chunk_size
 
     lines = [f"# Chunk size of the token-loss engine: fkl step on {device.upper()}", "", *saved["header"], ""]
     for sec in saved["sections"]:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
 
-    from kdtool.engine import default_chunk_size
+    from kdtool.chunking import default_chunk_size
 
     vocabs = [int(v) for v in args.vocabs.split(",")]
     rows_arg = [int(r) for r in args.rows.split(",")]

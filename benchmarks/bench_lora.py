@@ -61,8 +61,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from kdtool import lora, trainer
+    from kdtool.context import StepContext
     from kdtool.registry import get_objective
-    from kdtool.steps import StepContext
 
     torch.set_num_threads(args.threads)
     student = _model(args.vocab, args.layers, args.hidden, args.seq, seed=0)

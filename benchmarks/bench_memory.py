@@ -203,7 +203,7 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 def token_level_objectives() -> list[str]:
     from kdtool.registry import available
 
-    return [name for name, cls in available().items() if not cls.on_policy]
+    return [name for name, cls in available().items() if cls.scores_references]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from kdtool.engine import default_chunk_size
+    from kdtool.chunking import default_chunk_size
 
     names = token_level_objectives() if args.objectives == "all" else args.objectives.split(",")
     modes = args.modes.split(",")

@@ -55,7 +55,7 @@ def engine_parity(
     output layer is tied to its input embedding, bf16 lazy teacher (soft-capped too), both padded
     past ``vocab`` rows, bf16 autocast on CUDA. Gradients compared in fp32."""
     import kdtool
-    from kdtool.models import LogitHead
+    from kdtool.heads import LogitHead
 
     cuda = device.type == "cuda"
     rows_v = padded(vocab)
@@ -155,11 +155,10 @@ def rollout_logprobs(
     """minillm's sampling-time log q (KV cache, bf16 autocast on CUDA, as the trainer samples)
     against a full forward over the sampled sequences (no cache, same autocast): the PPO ratio at
     θ = θ_old should be 1, so the clip fraction of the first inner epoch should be ~0."""
-    from kdtool.objectives.minillm import prompts_of
-
     from kdtool.data import TokenizedDataset, load_examples
     from kdtool.models import load_model, load_tokenizer
-    from kdtool.rollout import left_pad, sample
+    from kdtool.rollout import prompts_of
+    from kdtool.sampling import left_pad, sample
 
     cuda = device.type == "cuda"
     tok = load_tokenizer(str(models / "student"))
@@ -184,7 +183,7 @@ def rollout_logprobs(
             generator=g,
             vocab_size=len(tok),
         )
-        seqs = out.sequences
+        seqs = torch.cat([out.prompt_ids, out.response_ids], dim=1)
         full_mask = torch.cat([mask, out.response_mask.long()], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
         logits = student(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits
@@ -330,8 +329,9 @@ def qwen_step_speed(
     CUDA, bf16 teacher) at Qwen2.5 0.5B-student / 1.5B-teacher shapes with random weights: peak
     memory, tokens/s and MFU of fkl against SFT of the same student."""
     import kdtool
-    from kdtool.engine import default_chunk_size, token_loss_sum
-    from kdtool.models import hidden_states, output_head
+    from kdtool.chunking import default_chunk_size
+    from kdtool.engine import token_loss_sum
+    from kdtool.heads import hidden_states, output_head
     from kdtool.teacher import TeacherSignal
 
     shapes = TINY_SHAPES if tiny else QWEN_SHAPES
@@ -417,7 +417,7 @@ def rollout_speed(
     """minillm's rollout (``kdtool.rollout.sample``: student samples from 0.2·p + 0.8·q, the
     teacher steps along) against HF ``generate`` of the teacher alone, sampled tokens/s, at the
     Qwen2.5 shapes (random weights, EOS disabled so every row samples ``new_tokens``)."""
-    from kdtool.rollout import sample
+    from kdtool.sampling import sample
 
     shapes = TINY_SHAPES if tiny else QWEN_SHAPES
     cuda = device.type == "cuda"

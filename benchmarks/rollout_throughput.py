@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kdtool.data import TokenizedDataset
-from kdtool.rollout import left_pad, sample
+from kdtool.sampling import left_pad, sample
 from kdtool.synthetic import build_tokenizer, make_dataset, tiny_model
 
 

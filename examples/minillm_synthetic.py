@@ -28,7 +28,7 @@ from kdtool.config import parse_option_pairs, resolve
 from kdtool.data import TokenizedDataset, load_examples
 from kdtool.demo import TEACHER, TEACHER_TRAIN
 from kdtool.models import load_model, load_tokenizer
-from kdtool.rollout import measure_reverse_kl
+from kdtool.sampling import measure_reverse_kl
 from kdtool.synthetic import build_tokenizer, save_model, write_dataset
 from kdtool.trainer import train
 

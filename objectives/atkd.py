@@ -113,11 +113,7 @@ def tkd_dkd(first: Decoupled, second: Decoupled) -> tuple[Tensor, Tensor]:
 
 def teacher_scores(teacher: TeacherSignal, temperature: float) -> Tensor:
     """Teacher logits / τ ``[N, V]`` (fp32 or fp64); a sparse signal gives its top-k log-probs."""
-    if teacher.hidden is not None:
-        teacher = teacher.rows(slice(None))  # lazy: materialise these rows' logits
-    if teacher.logits is not None:
-        return upcast(teacher.logits) / temperature
-    return teacher.dense_log_probs(temperature)
+    return teacher.scores(temperature)
 
 
 def lower_quantile(values: Tensor, q: float) -> Tensor:
@@ -127,25 +123,25 @@ def lower_quantile(values: Tensor, q: float) -> Tensor:
     return torch.kthvalue(values, k + 1).values
 
 
-class ATKD(Objective):
+class ATKD(Objective[ATKDOptions]):
     name = "atkd"
     description = "Adaptive teaching KD: target/non-target KL split, hard tokens by teacher uncertainty."
-    Options = ATKDOptions
-    supports_sparse = True  # with base=fkl; base=rkl refuses a sparse signal at the first batch
+    supports_sparse = True  # with base=fkl only (accepts_sparse)
 
-    @property
-    def opt(self) -> ATKDOptions:
-        return self.options  # type: ignore[return-value]
+    @classmethod
+    def accepts_sparse(cls, options: ObjectiveOptions) -> bool:
+        """Reverse KL to a top-k teacher is infinite: only ``base=fkl`` trains from a cache."""
+        return isinstance(options, ATKDOptions) and options.base == "fkl"
 
     def token_stats(self, teacher: TeacherSignal, labels: Tensor) -> dict[str, Tensor]:
         """Teacher uncertainty ``UnC = 1 − p(g)`` per token, ``{"uncertainty": [n]}``."""
-        if teacher.is_sparse and self.opt.base == "rkl":
+        if teacher.is_sparse and self.options.base == "rkl":
             raise UserError(
                 "atkd with base=rkl needs the teacher's full distribution (reverse KL to a top-k "
                 "teacher is infinite); use base=fkl with --teacher-cache, or a live --teacher"
             )
         with torch.no_grad():
-            log_rest = decouple(teacher_scores(teacher, self.opt.temperature), labels).log_binary[:, 1]
+            log_rest = decouple(teacher_scores(teacher, self.options.temperature), labels).log_binary[:, 1]
         return {"uncertainty": log_rest.exp()}  # exp(log(1 − p_g)): exact even for tiny UnC
 
     def batch_stats(self, token_stats: dict[str, Tensor]) -> dict[str, Any]:
@@ -163,11 +159,11 @@ class ATKD(Objective):
                 "weight": empty,
                 "threshold": unc.new_zeros(()),
             }
-        threshold = lower_quantile(unc, 1.0 - self.opt.hard_fraction)
+        threshold = lower_quantile(unc, 1.0 - self.options.hard_fraction)
         hard = unc >= threshold  # [N]
         n_hard = hard.sum().to(unc.dtype)
         n_easy = n - n_hard
-        lam = self.opt.lambda_
+        lam = self.options.lambda_
         weight = torch.where(hard, (1 - lam) * n / n_hard.clamp(min=1), lam * n / n_easy.clamp(min=1))
         return {"uncertainty": unc, "hard": hard, "weight": weight, "threshold": threshold}
 
@@ -176,10 +172,10 @@ class ATKD(Objective):
     ) -> tuple[Tensor, Metrics]:
         if "weight" not in stats:  # called on its own: these rows are the whole batch
             stats = self.batch_stats(self.token_stats(teacher, labels))
-        tau = self.opt.temperature
+        tau = self.options.temperature
         p = decouple(teacher_scores(teacher, tau), labels)
         q = decouple(upcast(student_logits) / tau, labels)
-        first, second = (p, q) if self.opt.base == "fkl" else (q, p)
+        first, second = (p, q) if self.options.base == "fkl" else (q, p)
         tkd, dkd = (x * tau**2 for x in tkd_dkd(first, second))  # [N] each
         hard: Tensor = stats["hard"]
         # where, not a product with the mask: an infinite TKD of an easy token must not become NaN.

@@ -30,16 +30,15 @@ class ForwardKLOptions(ObjectiveOptions):
     )
 
 
-class ForwardKL(Objective):
+class ForwardKL(Objective[ForwardKLOptions]):
     name = "fkl"
     description = "Forward KL(teacher ‖ student) per token (word-level KD); optional CE mix."
-    Options = ForwardKLOptions
     supports_sparse = True
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        opt: ForwardKLOptions = self.options  # type: ignore[assignment]
+        opt = self.options
         tau = opt.temperature
         log_p = teacher.dense_log_probs(tau)  # [N, V]
         log_q = log_softmax(student_logits, tau)  # [N, V]

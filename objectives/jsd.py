@@ -22,15 +22,14 @@ class JSDOptions(ObjectiveOptions):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature τ (loss × τ²).")
 
 
-class JSD(Objective):
+class JSD(Objective[JSDOptions]):
     name = "jsd"
     description = "β-generalised Jensen–Shannon divergence between teacher and student (GKD)."
-    Options = JSDOptions
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        opt: JSDOptions = self.options  # type: ignore[assignment]
+        opt = self.options
         log_p = teacher.dense_log_probs(opt.temperature)
         log_q = log_softmax(student_logits, opt.temperature)
         log_m = log_mix(log_p, log_q, opt.beta)

@@ -23,15 +23,14 @@ class ReverseKLOptions(ObjectiveOptions):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature τ for both models (loss × τ²).")
 
 
-class ReverseKL(Objective):
+class ReverseKL(Objective[ReverseKLOptions]):
     name = "rkl"
     description = "Reverse KL(student ‖ teacher) per token (mode-seeking)."
-    Options = ReverseKLOptions
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        tau = self.options.temperature  # type: ignore[attr-defined]
+        tau = self.options.temperature
         log_p = teacher.dense_log_probs(tau)  # [N, V]
         log_q = log_softmax(student_logits, tau)  # [N, V]
         divergence = kl(log_q, log_p) * tau**2  # [N]

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kdtool.divergence import gather_target, log_softmax
-from kdtool.objective import Metrics, Objective, token_metric
+from kdtool.objective import Metrics, NoOptions, Objective, token_metric
 from kdtool.teacher import TeacherSignal
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 
-class SFT(Objective):
+class SFT(Objective[NoOptions]):
     name = "sft"
     description = "Cross-entropy on the reference response; no teacher (baseline)."
     needs_teacher = False

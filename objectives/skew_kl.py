@@ -24,30 +24,28 @@ class SkewOptions(ObjectiveOptions):
     )
 
 
-class SkewKL(Objective):
+class SkewKL(Objective[SkewOptions]):
     name = "skl"
     description = "Skew forward KL(p ‖ αp + (1−α)q) (DistiLLM)."
-    Options = SkewOptions
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        alpha = self.options.alpha  # type: ignore[attr-defined]
+        alpha = self.options.alpha
         log_p = teacher.dense_log_probs()
         log_q = log_softmax(student_logits)
         divergence = kl(log_p, log_mix(log_p, log_q, alpha))
         return divergence, {"skl": token_metric(divergence)}
 
 
-class SkewReverseKL(Objective):
+class SkewReverseKL(Objective[SkewOptions]):
     name = "srkl"
     description = "Skew reverse KL(q ‖ (1−α)p + αq) (DistiLLM)."
-    Options = SkewOptions
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        alpha = self.options.alpha  # type: ignore[attr-defined]
+        alpha = self.options.alpha
         log_p = teacher.dense_log_probs()
         log_q = log_softmax(student_logits)
         divergence = kl(log_q, log_mix(log_q, log_p, alpha))

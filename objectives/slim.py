@@ -29,7 +29,7 @@ from pydantic import Field
 from kdtool.divergence import kl, upcast
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.sparse import DEFAULT_TOP_FRACTION, sparsify, student_log_probs_at, top_k_count
-from kdtool.teacher import TeacherSignal
+from kdtool.teacher import SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
     import torch
@@ -64,19 +64,17 @@ class SlimOptions(ObjectiveOptions):
     )
 
 
-class Slim(Objective):
+class Slim(Objective[SlimOptions]):
     name = "slim"
     description = "SLIM: KL to the teacher's top-5% logits + CE, mixed by an adaptive per-token weight."
-    Options = SlimOptions
     supports_sparse = True
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        opt: SlimOptions = self.options  # type: ignore[assignment]
+        opt = self.options
         vocab = student_logits.shape[-1]
         top = sparsify(teacher, top_k_count(vocab, opt.top_fraction, opt.top_k))
-        assert top.values is not None and top.indices is not None
         idx = top.indices  # [N, k]
         log_q_k, lse_q = student_log_probs_at(student_logits, idx)  # [N, k], [N]
         log_q_g = upcast(student_logits).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse_q  # [N]
@@ -105,9 +103,8 @@ class Slim(Objective):
         return torch.where(total > 0, p_g / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
     @staticmethod
-    def _true_log_probs(top: TeacherSignal) -> Tensor:
+    def _true_log_probs(top: SparseSignal) -> Tensor:
         """log p(v) = z_v − logsumexp(z) on the top-k: needs the teacher's log-partition."""
-        assert top.values is not None
         if top.log_normalizer is None:
             raise ValueError(
                 "slim missing_mass=true needs the teacher's log-partition; this sparse signal has none"

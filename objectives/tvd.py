@@ -21,15 +21,14 @@ class TVDOptions(ObjectiveOptions):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature τ for both models.")
 
 
-class TVD(Objective):
+class TVD(Objective[TVDOptions]):
     name = "tvd"
     description = "Total variation distance ½Σ|p − q| per token."
-    Options = TVDOptions
 
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
-        tau = self.options.temperature  # type: ignore[attr-defined]
+        tau = self.options.temperature
         p = teacher.dense_log_probs(tau).exp()
         q = log_softmax(student_logits, tau).exp()
         distance = 0.5 * (p - q).abs().sum(-1)

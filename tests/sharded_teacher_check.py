@@ -8,7 +8,8 @@ import sys
 import torch
 
 from kdtool import distributed
-from kdtool.models import hidden_states, load_model, output_head
+from kdtool.heads import hidden_states, output_head
+from kdtool.models import load_model
 
 
 def main(path: str) -> None:

@@ -17,7 +17,8 @@ from kdtool.cache import CacheConfig, TeacherCache, build_cache, teacher_top_k
 from kdtool.config import resolve
 from kdtool.data import IGNORE_INDEX, BatchLoader, TokenizedDataset, load_examples
 from kdtool.errors import UserError
-from kdtool.models import load_tokenizer, output_head
+from kdtool.heads import output_head
+from kdtool.models import load_tokenizer
 from kdtool.teacher import TeacherSignal
 
 MAX_LENGTH = 96
@@ -268,7 +269,7 @@ def kdtool_cli(*args):
 def test_cli_cache_then_distill_without_a_teacher(tiny_dir, small, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from kdtool import trainer
+    from kdtool import train_setup
     from kdtool.cli import app
 
     def no_teacher(*args, **kwargs):
@@ -285,9 +286,9 @@ def test_cli_cache_then_distill_without_a_teacher(tiny_dir, small, tmp_path, mon
     assert again.returncode == 1 and "already holds a complete cache" in again.stderr
     assert "Traceback" not in again.stderr
 
-    real_load = trainer.load_model
+    real_load = train_setup.load_model
     monkeypatch.setattr(
-        trainer,
+        train_setup,
         "load_model",
         lambda name, *a, **kw: real_load(name, *a, **kw) if "student" in name else no_teacher(),
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdtool import trainer
+from kdtool import run_dir, train_setup, trainer
 from kdtool.config import resolve
 
 BIN = Path(sys.executable).parent
@@ -183,10 +183,9 @@ def minillm_conf(tmp_path):
 
 def test_ranks_hold_prompts_of_different_lengths(tiny_dir, minillm_conf):
     """The premise of the minillm tests below: per buffer, the two ranks' decoding limits differ."""
-    from kdtool.objectives.minillm import prompts_of
-
     from kdtool.data import BatchLoader
     from kdtool.models import load_tokenizer
+    from kdtool.rollout import prompts_of
 
     cfg = resolve(
         minillm_conf,
@@ -198,7 +197,7 @@ def test_ranks_hold_prompts_of_different_lengths(tiny_dir, minillm_conf):
             output="unused",
         ),
     )
-    train_ds, _, _ = trainer.setup_data(cfg, load_tokenizer(cfg.student))
+    train_ds, _, _ = train_setup.setup_data(cfg, load_tokenizer(cfg.student))
     limits = []
     for rank in (0, 1):
         batches = iter(BatchLoader(train_ds, cfg.batch_size, cfg.seed, rank=rank, world=2))
@@ -315,7 +314,8 @@ def test_process_group_timeout_and_device_index(monkeypatch):
 
 
 def test_output_layer_of_a_spread_model_returns_logits_to_the_rows_device(tiny_dir):
-    from kdtool.models import DeviceAlignedHead, load_model, output_head
+    from kdtool.heads import DeviceAlignedHead, output_head
+    from kdtool.models import load_model
 
     model = load_model(str(tiny_dir / "teacher"))
     plain = output_head(model)
@@ -328,7 +328,7 @@ def test_output_layer_of_a_spread_model_returns_logits_to_the_rows_device(tiny_d
 
 
 def test_peak_memory_reads_the_given_device():
-    assert "peak_cuda_mb" not in trainer.peak_memory(torch.device("cpu"))
+    assert "peak_cuda_mb" not in run_dir.peak_memory(torch.device("cpu"))
 
 
 def test_cache_indices_are_widened_exactly():
@@ -350,7 +350,7 @@ def test_teacher_dtype_and_device_map_budget_on_cuda(tiny_dir, tmp_path, monkeyp
         loaded.append((Path(path).name, dtype, device_map, max_memory))
         return load_model(path)
 
-    monkeypatch.setattr(trainer, "load_model", fake_load)
+    monkeypatch.setattr(train_setup, "load_model", fake_load)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (70 * 2**30, 80 * 2**30))
     tok = load_tokenizer(str(tiny_dir / "student"))
@@ -368,7 +368,7 @@ def test_teacher_dtype_and_device_map_budget_on_cuda(tiny_dir, tmp_path, monkeyp
                 teacher_device_map=device_map,
             ),
         )
-        trainer.setup_models(cfg, tok, cuda)
+        train_setup.setup_models(cfg, tok, cuda)
     teachers = [entry for entry in loaded if entry[0] == "teacher"]
     assert [t[1] for t in teachers] == [torch.bfloat16, torch.float32, torch.bfloat16]
     budget = teachers[2][3]

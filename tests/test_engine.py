@@ -12,21 +12,17 @@ import torch
 from torch import nn
 
 import kdtool
-from kdtool.engine import (
-    default_chunk_size,
-    linear_parts,
-    plain_token_loss_sum,
-    slice_size,
-    token_loss_sum,
-)
-from kdtool.models import LogitHead
+import kdtool.chunking
+from kdtool.chunking import default_chunk_size, slice_size
+from kdtool.engine import plain_token_loss_sum, token_loss_sum
+from kdtool.heads import LogitHead, linear_parts
 from kdtool.objective import IGNORE_INDEX
 from kdtool.registry import available
 from kdtool.teacher import TeacherSignal
 
 H, V, V_PAD = 6, 17, 20  # the head has 3 padded rows past the shared vocabulary
 
-TOKEN_LEVEL = sorted(name for name, cls in available().items() if not cls.on_policy)
+TOKEN_LEVEL = sorted(name for name, cls in available().items() if cls.scores_references)
 
 
 def signal_kinds(name: str) -> list[str]:
@@ -104,9 +100,9 @@ def test_chunked_equals_plain(name, kind, chunk):
 @pytest.mark.parametrize(("chunk", "rows"), [(5, 2), (11, 3), (50, 4)])
 def test_slices_inside_chunks_equal_plain(name, kind, chunk, rows, monkeypatch):
     """The objective sees slices of a chunk (cache-sized on CPU); that changes nothing either."""
-    import kdtool.engine
+    import kdtool.loss_plan
 
-    monkeypatch.setattr(kdtool.engine, "slice_size", lambda vocab, chunk, device: min(rows, chunk))
+    monkeypatch.setattr(kdtool.loss_plan, "slice_size", lambda vocab, chunk, device: min(rows, chunk))
     hidden, head, t_hidden, t_head, labels = make()
     objective = kdtool.get_objective(name)
     teacher = signal(kind, t_hidden, t_head)
@@ -190,7 +186,7 @@ def test_tied_embeddings_get_both_gradients():
     """The head weight *is* the embedding: its gradient is the lookup's plus the head's."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kdtool.models import hidden_states, output_head
+    from kdtool.heads import hidden_states, output_head
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -307,7 +303,7 @@ def test_default_chunk_is_within_the_budget():
     for vocab in (1000, 16384, 32768, 50257, 151936):
         rows = default_chunk_size(vocab, "cpu")
         assert rows % 16 == 0
-        assert rows * vocab * 4 <= kdtool.engine.CHUNK_BUDGET_BYTES["cpu"] or rows == 512
+        assert rows * vocab * 4 <= kdtool.chunking.CHUNK_BUDGET_BYTES["cpu"] or rows == 512
 
 
 @pytest.mark.parametrize("name", ["fkl", "rkl", "atkd", "sft"])

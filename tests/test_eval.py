@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from kdtool import trainer
+from kdtool import held_out, train_setup, trainer
 from kdtool.config import resolve
+from kdtool.context import StepContext
 from kdtool.data import BatchLoader, TokenizedDataset, load_examples
 from kdtool.models import load_model, load_tokenizer
 from kdtool.registry import get_objective
-from kdtool.steps import StepContext
+from kdtool.steps import TokenStep
 
 BATCH, BATCHES, TAU, CE_WEIGHT = 4, 3, 2.0, 0.5
 
@@ -97,7 +98,7 @@ def plain_metrics(ctx, dataset):
 
 def test_eval_metrics_equal_a_plain_full_logit_computation(setup):
     ctx, objective, dataset, cfg, _ = setup
-    got = trainer.evaluate(ctx, objective, dataset, cfg)
+    got = held_out.evaluate(ctx, objective, dataset, cfg)
     want = plain_metrics(ctx, dataset)
     assert sorted(got) == ["eval_ce", "eval_fkl", "eval_loss", "eval_rkl"]
     for key, value in want.items():
@@ -109,17 +110,17 @@ def test_one_teacher_and_one_student_forward_per_eval_batch(setup, through_modul
     """Four probes (ce, fkl, rkl, the objective's loss) share the two forwards of each batch;
     the (DDP/FSDP-wrappable) StepModule path shares them too."""
     ctx, objective, dataset, cfg, counter = setup
-    forward = trainer.StepModule(ctx.student, objective, ctx) if through_module else None
-    metrics = trainer.evaluate(ctx, objective, dataset, cfg, forward)
+    forward = trainer.StepModule(ctx.student, TokenStep(objective), ctx) if through_module else None
+    metrics = held_out.evaluate(ctx, objective, dataset, cfg, forward)
     assert len(metrics) == 4
     assert counter == {("student", False): BATCHES, ("teacher", False): BATCHES}
-    assert metrics == pytest.approx(trainer.evaluate(ctx, objective, dataset, cfg))
+    assert metrics == pytest.approx(held_out.evaluate(ctx, objective, dataset, cfg))
 
 
 def test_without_a_teacher_only_the_student_runs(setup):
     ctx, _, dataset, cfg, counter = setup
     ctx.teacher = None
-    metrics = trainer.evaluate(ctx, get_objective("sft"), dataset, cfg)
+    metrics = held_out.evaluate(ctx, get_objective("sft"), dataset, cfg)
     assert list(metrics) == ["eval_ce"]
     assert counter == {("student", False): BATCHES}
 
@@ -161,7 +162,7 @@ def test_default_run_spends_under_a_tenth_of_its_forwards_on_eval_and_reports_th
         count_forwards(model, counter, "teacher" if name.endswith("teacher") else "student")
         return model
 
-    monkeypatch.setattr(trainer, "load_model", counting_load_model)
+    monkeypatch.setattr(train_setup, "load_model", counting_load_model)
     out = trainer.train(resolve(None, flags_for(tiny_dir, tmp_path / "run", max_steps=40, lr=1e-2)))
     train_forwards, eval_forwards = counter[("student", True)], counter[("student", False)]
     assert train_forwards == 40
@@ -189,7 +190,7 @@ def test_shared_engine_pass_equals_each_objective_on_its_own():
     student_head, teacher_head = torch.nn.Linear(h, v + 3), torch.nn.Linear(h, v)
     labels = torch.randint(0, v, (n,), generator=g)
     teacher = TeacherSignal.lazy(teacher_hidden, teacher_head, v)
-    objectives = {name: cls() for name, cls in available().items() if not cls.on_policy}
+    objectives = {name: cls() for name, cls in available().items() if cls.scores_references}
     with torch.no_grad():
         shared = token_loss_sums(objectives, hidden, student_head, teacher, labels, v, chunk_size=8)
         for name, objective in objectives.items():

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import kdtool.engine
+import kdtool.fused
 from conftest import tiny_run_flags
 from kdtool import lora, trainer
 from kdtool.config import resolve
 from kdtool.engine import plain_token_loss_sum, token_loss_sum
 from kdtool.errors import UserError
-from kdtool.models import hidden_states, output_head
+from kdtool.heads import hidden_states, output_head
 from kdtool.registry import get_objective
 from kdtool.teacher import TeacherSignal
 
@@ -109,10 +110,10 @@ def test_engine_path_follows_whether_the_output_layer_is_wrapped(
 ):
     student = lora_model(tiny_dir, targets)
     assert lora.wraps_output_layer(student) is not fused
-    assert (kdtool.engine.linear_parts(output_head(student)) is not None) is fused
+    assert (kdtool.heads.linear_parts(output_head(student)) is not None) is fused
     teacher = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher").double().eval()
     calls = {"fused": 0, "checkpointed": 0}
-    real_fused, real_ckpt = kdtool.engine._FusedLinearLoss.apply, kdtool.engine._checkpointed_loss
+    real_fused, real_ckpt = kdtool.fused.FusedLinearLoss.apply, kdtool.engine.checkpointed_loss
 
     def spy_fused(*args):
         calls["fused"] += 1
@@ -122,8 +123,8 @@ def test_engine_path_follows_whether_the_output_layer_is_wrapped(
         calls["checkpointed"] += 1
         return real_ckpt(*args)
 
-    monkeypatch.setattr(kdtool.engine._FusedLinearLoss, "apply", spy_fused)
-    monkeypatch.setattr(kdtool.engine, "_checkpointed_loss", spy_ckpt)
+    monkeypatch.setattr(kdtool.fused.FusedLinearLoss, "apply", spy_fused)
+    monkeypatch.setattr(kdtool.engine, "checkpointed_loss", spy_ckpt)
     chunked = loss_and_grads(token_loss_sum, student, teacher, tokenizer, 7)  # several chunks
     assert calls == {"fused": int(fused), "checkpointed": int(not fused)}
     plain = loss_and_grads(plain_token_loss_sum, student, teacher, tokenizer)

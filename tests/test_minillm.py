@@ -10,20 +10,20 @@ import torch
 from kdtool.objectives.minillm import (
     MiniLLM,
     MiniLLMOptions,
-    collate_rollouts,
-    load_lm_examples,
     masked_whiten,
     policy_loss,
     prefix_weights,
     rewards_to_go,
-    single_step_kl,
     token_rewards,
 )
 
+from kdtool.context import RunSettings, StepContext
 from kdtool.errors import UserError
+from kdtool.lm_corpus import load_lm_examples
+from kdtool.onpolicy import RolloutStep
 from kdtool.registry import available, get_objective
-from kdtool.rollout import sample
-from kdtool.steps import StepContext
+from kdtool.rollout import Buffer, collate, collect
+from kdtool.sampling import sample
 from toy_lm import EOS, TableLM
 
 V, T = 4, 3
@@ -111,19 +111,10 @@ def test_policy_loss_gradient_and_clipping():
     assert not clipped_off.any()
 
 
-def test_single_step_kl_is_the_reverse_kl_over_the_vocabulary():
-    zs = torch.tensor([[0.0, 1.0, 2.0]])
-    zt = torch.tensor([[2.0, 1.0, 0.0]])
-    q, p = zs.softmax(-1), zt.softmax(-1)
-    expected = (q * (q.log() - p.log())).sum(-1)
-    torch.testing.assert_close(single_step_kl(zs, zt.log_softmax(-1)), expected)
-    assert float(single_step_kl(zt, zt.log_softmax(-1))) == pytest.approx(0.0, abs=1e-7)
-
-
 # ------------------------------------------------------------------ the objective on a toy
 
 
-def toy_ctx(seed: int = 0, **extras) -> StepContext:
+def toy_ctx(seed: int = 0) -> StepContext:
     student, teacher = TableLM(V, 1 + T, seed=1), TableLM(V, 1 + T, seed=2)
     teacher.requires_grad_(False)
     return StepContext(
@@ -134,8 +125,22 @@ def toy_ctx(seed: int = 0, **extras) -> StepContext:
         vocab_size=V,
         device=torch.device("cpu"),
         generator=torch.Generator().manual_seed(seed),
-        extras=dict(extras),
     )
+
+
+def buffer_of(objective: MiniLLM, rollout) -> Buffer:
+    """The rollout buffer the rollout stream would hold for ``rollout``."""
+    buffer = Buffer()
+    buffer.add(rollout, *objective.rollout_tensors(rollout))
+    objective.finish_buffer(buffer.tokens)
+    return buffer
+
+
+def collected(objective: MiniLLM, prompts, ctx: StepContext) -> Buffer:
+    settings = objective.rollout_settings(ctx.settings)
+    buffer = collect(iter(prompts), ctx, settings, objective.rollout_tensors)
+    objective.finish_buffer(buffer.tokens)
+    return buffer
 
 
 def prompt_batch(n: int) -> dict[str, torch.Tensor]:
@@ -148,23 +153,18 @@ def lm_batch(n: int) -> dict[str, torch.Tensor]:
     ids = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.randint(1, V, (n, 2), generator=g)], 1)
     labels = ids.clone()
     labels[:, 0] = -100
-    return {"lm_input_ids": ids, "lm_attention_mask": torch.ones_like(ids), "lm_labels": labels}
+    return {"aux_input_ids": ids, "aux_attention_mask": torch.ones_like(ids), "aux_labels": labels}
 
 
 def loss_of(options: dict, rollout=None, n: int = 64) -> float:
     """The micro-batch loss of one buffer (from ``rollout``, or freshly sampled with seed 0)."""
     objective = MiniLLM(MiniLLMOptions(**{"rollout_batch_size": n, "max_new_tokens": T} | options))
     ctx = toy_ctx()
-    if rollout is None:
-        buffer = objective.collect(iter([prompt_batch(n)]), ctx)
-    else:
-        from kdtool.objectives.minillm import Buffer
-
-        buffer = Buffer()
-        objective.add_to_buffer(buffer, rollout)
-        objective.finish_buffer(buffer)
-    batch = collate_rollouts(buffer, list(range(len(buffer))), EOS) | lm_batch(8)
-    loss_sum, count, _ = objective.micro_batch_loss(ctx, batch)
+    buffer = (
+        collected(objective, [prompt_batch(n)], ctx) if rollout is None else buffer_of(objective, rollout)
+    )
+    batch = collate(buffer, list(range(len(buffer))), EOS) | lm_batch(8)
+    loss_sum, count, _ = RolloutStep(objective).loss(ctx, batch)
     assert torch.isfinite(loss_sum)
     return float((loss_sum / count).detach())
 
@@ -229,8 +229,8 @@ def test_each_sampling_switch_changes_the_loss(name, value):
 def test_first_ppo_step_has_ratio_one_and_no_clipping_without_mixing():
     objective = MiniLLM(MiniLLMOptions(alpha=0.0, rollout_batch_size=32, max_new_tokens=T, lm_loss=False))
     ctx = toy_ctx()
-    buffer = objective.collect(iter([prompt_batch(32)]), ctx)
-    _, _, metrics = objective.micro_batch_loss(ctx, collate_rollouts(buffer, list(range(32)), EOS))
+    buffer = collected(objective, [prompt_batch(32)], ctx)
+    _, _, metrics = RolloutStep(objective).loss(ctx, collate(buffer, list(range(32)), EOS))
     assert float(metrics["clip_fraction"][0]) == 0.0
     assert float(metrics["importance_weight"][0] / metrics["importance_weight"][1]) == 1.0
 
@@ -252,14 +252,14 @@ def test_batches_schedule_inner_epochs_and_attach_lm_batches(tmp_path):
     )
     ctx = toy_ctx()
     ctx.tokenizer = CharTok()
-    ctx.config = SimpleNamespace(seed=0, grad_accum=1, batch_size=6, max_length=8, max_prompt_length=None)
+    ctx.settings = RunSettings(seed=0, grad_accum=1, batch_size=6, max_length=8)
     loader = iter([prompt_batch(6)] * 100)
-    stream = objective.batches(loader, ctx)
+    stream = RolloutStep(objective).stream(loader, ctx)
     per_buffer = 3 * 3  # 3 epochs × ceil(12 / 5) micro-batches
     batches = [next(stream) for _ in range(per_buffer + 1)]
-    sizes = [b["seq_kl"].numel() for b in batches[:per_buffer]]
+    sizes = [b["seq_rkl"].numel() for b in batches[:per_buffer]]
     assert sizes == [5, 5, 2] * 3
-    assert all(b["lm_input_ids"].shape[0] == 2 for b in batches)  # both documents, batch size 6
+    assert all(b["aux_input_ids"].shape[0] == 2 for b in batches)  # both documents, batch size 6
 
 
 def test_lm_data_formats(tmp_path):
@@ -279,7 +279,7 @@ def test_lm_data_formats(tmp_path):
 
 
 def test_registered_with_validated_options():
-    assert available()["minillm"] is MiniLLM and MiniLLM.on_policy
+    assert available()["minillm"] is MiniLLM and MiniLLM.needs_rollouts and not MiniLLM.scores_references
     objective = get_objective("minillm", alpha=0.1, gamma=1.0)
     assert objective.options.alpha == 0.1
     with pytest.raises(UserError, match="alpha"):
@@ -305,18 +305,15 @@ def test_sampled_token_terms_through_the_chunked_engine_match_full_logits(
     mixed_rollout, chunk_size, single_step
 ):
     """micro_batch_loss (engine, chunked) == the same terms from full [N, V] logits, value and gradient."""
-    from kdtool.objectives.minillm import TOKEN_KEYS, Buffer, minillm_token_losses
+    from kdtool.objectives.minillm import minillm_token_losses
 
     opts = MiniLLMOptions(rollout_batch_size=64, max_new_tokens=T, lm_loss=False, single_step=single_step)
     objective = MiniLLM(opts)
-    buffer = Buffer()
-    objective.add_to_buffer(buffer, mixed_rollout)
-    objective.finish_buffer(buffer)
-    batch = collate_rollouts(buffer, list(range(len(buffer))), EOS)
+    batch = collate(buffer_of(objective, mixed_rollout), list(range(64)), EOS)
 
     ctx = toy_ctx()
     ctx.chunk_size = chunk_size
-    loss, count, metrics = objective.micro_batch_loss(ctx, batch)
+    loss, count, metrics = RolloutStep(objective).loss(ctx, batch)
     loss.backward()
     grad = ctx.student.head.weight.grad.clone()
 
@@ -328,7 +325,7 @@ def test_sampled_token_terms_through_the_chunked_engine_match_full_logits(
     log_p = torch.log_softmax(ref_ctx.teacher(ids, am).logits[:, :-1][mask].double(), -1)
     y = labels[:, 1:][mask]
     step_kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    tokens = {k: batch[f"tok_{k}"].double() for k in TOKEN_KEYS}
+    tokens = {k[4:]: v.double() for k, v in batch.items() if k.startswith("tok_")}
     ref, _ = minillm_token_losses(
         log_q.gather(-1, y[:, None]).squeeze(-1), step_kl if single_step else None, tokens, opts.clip_eps, 1.0
     )

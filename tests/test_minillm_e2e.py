@@ -10,7 +10,7 @@ import torch
 from kdtool.config import resolve
 from kdtool.data import TokenizedDataset, load_examples
 from kdtool.models import load_model, load_tokenizer
-from kdtool.rollout import measure_reverse_kl
+from kdtool.sampling import measure_reverse_kl
 from kdtool.trainer import train
 
 

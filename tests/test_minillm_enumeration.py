@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from kdtool.objectives.minillm import MiniLLM, MiniLLMOptions, collate_rollouts
+from kdtool.objectives.minillm import MiniLLM, MiniLLMOptions
 
-from kdtool.steps import StepContext
+from kdtool.context import StepContext
+from kdtool.onpolicy import RolloutStep
+from kdtool.rollout import collate, collect
 from toy_lm import EOS, TableLM, exact_reverse_kl
 
 V, PROMPT = 4, [1]
@@ -73,8 +75,11 @@ def gradient_check(
     }
     grads = []
     for _ in range(k):
-        buffer = objective.collect(iter([prompts]), ctx)
-        loss_sum, count, _ = objective.micro_batch_loss(ctx, collate_rollouts(buffer, list(range(b)), EOS))
+        buffer = collect(
+            iter([prompts]), ctx, objective.rollout_settings(ctx.settings), objective.rollout_tensors
+        )
+        objective.finish_buffer(buffer.tokens)
+        loss_sum, count, _ = RolloutStep(objective).loss(ctx, collate(buffer, list(range(b)), EOS))
         student.zero_grad()
         (loss_sum / count).backward()
         grads.append(student.head.weight.grad.clone())

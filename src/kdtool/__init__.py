@@ -1,8 +1,9 @@
 """kdtool: distil a large causal language model into a small one."""
 
-from kdtool.objective import IGNORE_INDEX, Objective, ObjectiveOptions
+from kdtool.objective import Objective, ObjectiveOptions
 from kdtool.registry import available as available_objectives
 from kdtool.registry import get_objective
+from kdtool.targets import IGNORE_INDEX
 from kdtool.teacher import TeacherSignal
 
 __version__ = "0.1.0"

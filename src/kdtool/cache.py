@@ -216,7 +216,7 @@ def teacher_top_k(
     Returns ``(values [N, k] fp32, indices [N, k] int64, log_normalizer [N] fp32)``, rows in
     the row-major order of ``labels[:, 1:] != -100``.
     """
-    from kdtool.models import hidden_states
+    from kdtool.heads import hidden_states
 
     mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]  # [N, H]
@@ -382,7 +382,8 @@ def build_cache(
     Returns:
         The cache directory.
     """
-    from kdtool.models import load_model, load_tokenizer, output_head, resolve_device
+    from kdtool.heads import output_head
+    from kdtool.models import load_model, load_tokenizer, resolve_device
 
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)

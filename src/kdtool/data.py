@@ -21,8 +21,7 @@ from torch import Tensor
 
 from kdtool.errors import UserError
 from kdtool.files import field_names, json_records
-
-IGNORE_INDEX = -100
+from kdtool.targets import IGNORE_INDEX
 
 # The MiniLLM / Alpaca template; the response follows the final newline and ends with EOS.
 PROMPT_TEMPLATE = (

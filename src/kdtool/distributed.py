@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kdtool.errors import UserError
-from kdtool.models import resolve_device
+from kdtool.heads import hidden_states
+from kdtool.models import load_model, resolve_device
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,6 @@ class TeacherForward(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, hidden_only: bool = True, **model_kwargs: Any
     ) -> Any:
-        from kdtool.models import hidden_states
-
         if hidden_only:
             return hidden_states(self.teacher, input_ids, attention_mask)
         return self.teacher(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
@@ -209,8 +208,6 @@ def load_sharded_teacher(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from kdtool.models import load_model
 
     full = (
         load_model(name_or_path, "cpu", dtype, trust_remote_code=trust_remote_code) if info.is_main else None
@@ -282,6 +279,11 @@ def load_full_state(
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(student, model_state, options=opts)
     set_optimizer_state_dict(student, optimizer, optim_state_dict=optim_state, options=opts)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP2 unit (it then has ``set_requires_gradient_sync``)."""
+    return hasattr(module, "set_requires_gradient_sync")
 
 
 def set_gradient_sync(module: nn.Module, sync: bool) -> Any:

@@ -7,12 +7,10 @@ without it kdtool refuses in one line before transformers is asked, so transform
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from kdtool.errors import UserError
 from kdtool.files import load_json
@@ -25,6 +23,14 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype of a ``--dtype`` flag on ``device``: bf16 when asked for, or by
+    default (``auto``) on CUDA; ``None`` = full precision (fp32)."""
+    if dtype in ("bfloat16", "bf16") or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -149,77 +155,6 @@ def load_model(
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load a causal LM from {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     return model if device_map else model.to(device)
-
-
-def hidden_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits, on
-    ``input_ids``' device.
-
-    ``base_model`` skips the output hook that accelerate puts on the whole model under a
-    ``device_map``, so a teacher spread over GPUs returns them on its last GPU: they are moved
-    back to where the mask and the student's logits live (a no-op on one device).
-    """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden.to(input_ids.device)
-
-
-def output_head(model: Any) -> Callable[[Tensor], Tensor]:
-    """``[n, H] -> [n, V]``: the output layer plus any logit post-processing the config declares.
-
-    A plain ``nn.Linear`` is returned as is; with logit scaling or soft-capping it is wrapped in a
-    ``LogitHead``, which still tells the chunked engine its weight (``linear_parts``).
-    """
-    head: nn.Module = model.get_output_embeddings()
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if scale or softcap:
-        head = LogitHead(head, scale=scale, softcap=softcap)
-    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
-        return DeviceAlignedHead(head)
-    return head
-
-
-class DeviceAlignedHead(nn.Module):
-    """The output layer of a model spread over devices (``device_map``): rows of hidden states go
-    to the layer's device and their logits come back to the rows' device (the student's), chunk by
-    chunk, so that neither the ``[V, H]`` weight nor a whole batch of logits is copied."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        weight = next(self.head.parameters())
-        return self.head(hidden.to(weight.device)).to(hidden.device)
-
-
-class LogitHead(nn.Module):
-    """An output ``nn.Linear`` followed by element-wise logit scaling and/or soft-capping."""
-
-    def __init__(self, linear: nn.Module, scale: float | None = None, softcap: float | None = None):
-        super().__init__()
-        self.linear = linear
-        self.scale = scale
-        self.softcap = softcap
-
-    def postprocess(self, logits: Tensor) -> Tensor:
-        if self.scale:
-            logits = logits * self.scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.postprocess(self.linear(hidden))
-
-    def linear_parts(self) -> Any:
-        """The weight/bias the fused engine path contracts with (``kdtool.engine.LinearParts``)."""
-        from kdtool.engine import LinearParts
-
-        if type(self.linear) is not nn.Linear:  # LoRA & co.: the engine checkpoints instead
-            return None
-        return LinearParts(self.linear.weight, self.linear.bias, self.postprocess)
 
 
 def shared_vocab_size(

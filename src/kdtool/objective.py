@@ -1,31 +1,31 @@
-"""The objective contract shared by every token-level objective.
+"""The objective contract: pure math on tensors.
 
-An objective is a small class with a ``name``, a one-line ``description``, a pydantic
-``Options`` model of its hyper-parameters, and ``token_losses`` written on ``[N, V]`` logits
-of the N *valid* target positions (the engine drops ``-100`` positions before calling it).
-``loss`` is the plain-tensor entry point for tests and notebooks: mean over non-ignored tokens.
+An objective is a small class with a ``name``, a one-line ``description``, a pydantic ``Options``
+model of its hyper-parameters (``Objective[MyOptions]`` sets it and types ``self.options``), and
+``token_losses`` written on ``[N, V]`` logits of the N *valid* target positions (the engine drops
+``-100`` positions and cuts the rows into chunks before calling it). ``loss`` is the plain-tensor
+entry point for tests and notebooks: mean over non-ignored tokens.
 
-On-policy objectives (MiniLLM) additionally set ``on_policy = True``; see ``kdtool.rollout``.
+An objective never sees a model, an optimizer or a data loader. How a micro-batch is produced and
+costed is a *step* (``kdtool.steps.TokenStep`` on the data's references; ``kdtool.onpolicy.RolloutStep``
+on the student's samples, for objectives with ``needs_rollouts``), which the trainer picks from the
+objective's class attributes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
+from kdtool.targets import IGNORE_INDEX
 from kdtool.teacher import TeacherSignal, as_signal
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
-
-    from kdtool.steps import StepContext
 else:  # options and descriptions are read without torch (`kdtool objectives`, config checks)
     from kdtool.lazy import torch
-
-IGNORE_INDEX = -100
 
 # metric name -> (sum over tokens, token count); the engine reports sum / count.
 Metrics = dict[str, tuple["Tensor", "Tensor"]]
@@ -41,22 +41,55 @@ class NoOptions(ObjectiveOptions):
     pass
 
 
-class Objective:
-    """Base class for objectives. Subclasses implement ``token_losses``."""
+OptionsT = TypeVar("OptionsT", bound=ObjectiveOptions)
+
+
+class Objective(Generic[OptionsT]):
+    """Base class for objectives. Subclasses implement ``token_losses``.
+
+    Class attributes:
+        needs_teacher: the loss reads the teacher signal (``sft`` does not).
+        supports_sparse: the loss works from a sparse top-k teacher (``--teacher-cache``); see
+            ``accepts_sparse`` for objectives where it depends on the options.
+        needs_rollouts: micro-batches are the student's own samples (the rollout step), and
+            ``token_losses`` reads per-token rollout statistics (``stats``) besides the teacher.
+        scores_references: ``token_losses`` is defined on reference tokens alone, so it can be
+            measured on held-out data and checked against the engine's contract (not minillm).
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[ObjectiveOptions]] = NoOptions
     needs_teacher: ClassVar[bool] = True
     supports_sparse: ClassVar[bool] = False
-    on_policy: ClassVar[bool] = False
+    needs_rollouts: ClassVar[bool] = False
+    scores_references: ClassVar[bool] = True
 
-    def __init__(self, options: ObjectiveOptions | None = None, **kwargs: Any) -> None:
+    options: OptionsT
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``class X(Objective[XOptions])`` sets ``X.Options = XOptions``."""
+        super().__init_subclass__(**kwargs)
+        if "Options" in cls.__dict__:
+            return
+        for base in getattr(cls, "__orig_bases__", ()):
+            origin = get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, Objective):
+                (arg,) = get_args(base)
+                if isinstance(arg, type) and issubclass(arg, ObjectiveOptions):
+                    cls.Options = arg
+
+    def __init__(self, options: OptionsT | None = None, **kwargs: Any) -> None:
         if options is None:
-            options = self.Options(**kwargs)
+            options = self.Options(**kwargs)  # type: ignore[assignment]
         elif kwargs:
             raise TypeError("pass either an Options object or keyword options, not both")
-        self.options = options
+        self.options = options  # type: ignore[assignment]
+
+    @classmethod
+    def accepts_sparse(cls, options: ObjectiveOptions) -> bool:
+        """Whether these options can train from a sparse teacher cache (checked with the config)."""
+        return cls.supports_sparse
 
     def token_stats(self, teacher: TeacherSignal, labels: Tensor) -> dict[str, Tensor]:
         """Per-token statistics ``{name: [n]}`` needed *before* any loss is computed.
@@ -72,20 +105,6 @@ class Objective:
         ``token_losses`` needs. Per-token tensors (first dim N) are sliced per chunk."""
         return dict(token_stats)
 
-    def batches(self, loader: Iterable[dict[str, Tensor]], ctx: StepContext) -> Iterator[dict[str, Tensor]]:
-        """Micro-batches for the trainer. Token-level objectives use the data as it is;
-        on-policy objectives turn prompt batches into rollout mini-batches here."""
-        from kdtool.steps import default_batches
-
-        return default_batches(loader, ctx)
-
-    def micro_batch_loss(self, ctx: StepContext, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Metrics]:
-        """``(loss_sum, n_tokens, metric_sums)`` for one micro-batch; the trainer divides the
-        gradient by the token count of the whole accumulated step (normalise once)."""
-        from kdtool.steps import token_micro_batch_loss
-
-        return token_micro_batch_loss(self, ctx, batch)
-
     def token_losses(
         self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
     ) -> tuple[Tensor, Metrics]:
@@ -95,7 +114,8 @@ class Objective:
             student_logits: ``[N, V]`` student logits (any float dtype; upcast inside).
             teacher: the teacher signal for the same N rows.
             labels: ``[N]`` target ids, all valid.
-            stats: output of ``batch_stats``, per-token entries restricted to these rows.
+            stats: output of ``batch_stats`` (plus a step's per-token inputs, e.g. rollout
+                advantages), per-token entries restricted to these rows.
         """
         raise NotImplementedError
 

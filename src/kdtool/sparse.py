@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING
 
 from kdtool.divergence import upcast
-from kdtool.teacher import TeacherSignal
+from kdtool.teacher import DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
     import torch
@@ -51,19 +51,18 @@ def sparsify(teacher: TeacherSignal, k: int) -> TeacherSignal:
     A dense or lazy signal is cut to its top k (with its log-partition, so true teacher
     probabilities stay known); a sparse one keeps ``min(k, stored k)`` of its largest entries.
     """
+    if isinstance(teacher, SparseSignal):
+        values, indices = teacher.values, teacher.indices.long()
+        if values.shape[-1] > k:  # keep the k largest of what was stored
+            values, order = values.topk(k, dim=-1, sorted=True)
+            indices = indices.gather(-1, order)
+        return SparseSignal(values, indices, teacher.vocab_size, teacher.log_normalizer)
     if teacher.is_empty:
         raise ValueError("this objective needs a teacher, but no teacher signal was given")
-    if not teacher.is_sparse:
-        dense = teacher.rows(slice(None))  # materialises a lazy hidden-state signal
-        assert dense.logits is not None
-        values, indices, lse = top_k_logits(dense.logits, k)
-        return TeacherSignal.sparse(values, indices, dense.logits.shape[-1], lse)
-    assert teacher.values is not None and teacher.indices is not None and teacher.vocab_size is not None
-    values, indices = teacher.values, teacher.indices.long()
-    if values.shape[-1] > k:  # keep the k largest of what was stored
-        values, order = values.topk(k, dim=-1, sorted=True)
-        indices = indices.gather(-1, order)
-    return TeacherSignal.sparse(values, indices, teacher.vocab_size, teacher.log_normalizer)
+    dense = teacher.rows(slice(None))  # materialises a lazy hidden-state signal
+    assert isinstance(dense, DenseSignal)
+    values, indices, lse = top_k_logits(dense.logits, k)
+    return SparseSignal(values, indices, dense.vocab_size, lse)
 
 
 def student_log_probs_at(student_logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:

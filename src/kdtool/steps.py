@@ -1,117 +1,147 @@
-"""What one micro-batch costs: the bridge between the trainer loop and an objective.
+"""The token step: what one micro-batch of reference data costs.
 
-The trainer only ever calls ``objective.batches(loader, ctx)`` and
-``objective.micro_batch_loss(ctx, batch)``; token-level objectives use the defaults here,
-on-policy ones (MiniLLM) override both.
+The trainer asks a step for a micro-batch ``stream`` over the data loader and for each micro-batch's
+``loss``: ``(loss_sum, count, metric_sums)``, the sum over its target tokens, which the trainer
+divides by the count of the whole accumulated step. ``TokenStep`` serves every token-level
+objective on the data's references; ``kdtool.onpolicy.RolloutStep`` serves objectives that learn
+from the student's samples.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from kdtool.context import StepContext
 from kdtool.engine import token_loss_sum, token_loss_sums
-from kdtool.models import hidden_states, output_head
-from kdtool.objective import IGNORE_INDEX, Metrics
-from kdtool.teacher import TeacherSignal
+from kdtool.heads import hidden_states, output_head
+from kdtool.objective import Metrics, Objective
+from kdtool.targets import shifted_targets
+from kdtool.teacher import NoSignal, TeacherSignal
 
-if TYPE_CHECKING:
-    from kdtool.objective import Objective
-
-
-@dataclass
-class StepContext:
-    """Everything an objective may need for one micro-batch (models, tokenizer, engine settings)."""
-
-    student: Any
-    teacher: Any | None
-    teacher_cache: Any | None
-    tokenizer: Any
-    vocab_size: int
-    device: torch.device
-    chunk_size: int | None = None
-    autocast_dtype: torch.dtype | None = None
-    generator: torch.Generator | None = None
-    config: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+Batch = dict[str, Tensor]
 
 
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+class MicroBatchStream(Protocol):
+    """An endless iterator of micro-batches whose position can be saved and restored exactly.
+
+    The trainer snapshots ``state_dict()`` at the start of every optimizer step, with every RNG.
+    """
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Step(Protocol):
+    objective: Objective[Any]
+
+    def stream(self, loader: Any, ctx: StepContext) -> MicroBatchStream: ...
+    def loss(self, ctx: StepContext, batch: Batch) -> tuple[Tensor, Tensor, Metrics]: ...
+
+
+class LoaderStream:
+    """The data loader's batches as they are, epoch after epoch (``BatchLoader`` restarts itself)."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self._batches: Iterator[Batch] | None = None
+
+    def __iter__(self) -> LoaderStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._batches = None
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def default_batches(loader: Iterable[dict[str, Tensor]], ctx: StepContext) -> Iterator[dict[str, Tensor]]:
-    return iter(loader)
-
-
-def target_mask(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Shifted labels ``[B, T-1]`` and the mask of positions that have a target."""
-    labels = batch["labels"][:, 1:]
-    return labels, labels != IGNORE_INDEX
-
-
-def teacher_signal(
-    objective: Objective, ctx: StepContext, batch: dict[str, Tensor], mask: Tensor
-) -> TeacherSignal:
-    """The teacher's signal for the valid positions of ``batch``, in ``mask``'s row-major order."""
-    if not objective.needs_teacher:
-        return TeacherSignal.none()
+def teacher_signal(ctx: StepContext, batch: Batch, mask: Tensor) -> TeacherSignal:
+    """The teacher's signal for the valid positions of ``batch``, in ``mask``'s row-major order:
+    sparse rows from the cache, or the teacher's hidden states with its output layer (lazy)."""
     if ctx.teacher_cache is not None:
         return ctx.teacher_cache.signal_for(batch)
-    forward = ctx.extras.get("teacher_forward") or (lambda ids, am: hidden_states(ctx.teacher, ids, am))
+    if ctx.teacher is None:
+        return NoSignal()
     with torch.no_grad(), ctx.autocast():
-        hidden = forward(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]  # [N, H]
-    return TeacherSignal.lazy(hidden, output_head(ctx.teacher), ctx.vocab_size)
+        if ctx.teacher_forward is not None:
+            hidden = ctx.teacher_forward(batch["input_ids"], batch["attention_mask"])
+        else:
+            hidden = hidden_states(ctx.teacher, batch["input_ids"], batch["attention_mask"])
+        rows = hidden[:, :-1][mask]  # [N, H]
+    return TeacherSignal.lazy(rows, output_head(ctx.teacher), ctx.vocab_size)
 
 
-def token_micro_batch_loss(
-    objective: Objective, ctx: StepContext, batch: dict[str, Tensor]
+def token_loss(
+    objective: Objective[Any], ctx: StepContext, batch: Batch, stats: dict[str, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Metrics]:
-    """Loss *sum* over the batch's target tokens, the token count, and metric sums."""
+    """Loss *sum* over the batch's target tokens, the token count, and metric sums.
+
+    ``stats``: per-token inputs ``[N]`` of the objective besides the teacher (rollout statistics),
+    in the row-major order of the target positions.
+    """
     batch = to_device(batch, ctx.device)
-    labels, mask = target_mask(batch)
-    teacher = teacher_signal(objective, ctx, batch, mask)
+    labels, mask = shifted_targets(batch["labels"])
+    teacher = teacher_signal(ctx, batch, mask) if objective.needs_teacher else NoSignal()
     with ctx.autocast():
-        hidden = hidden_states(ctx.student, batch["input_ids"], batch["attention_mask"])[:, :-1][
-            mask
-        ]  # [N, H]
+        hidden = hidden_states(ctx.student, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         loss_sum, metrics = token_loss_sum(
-            objective, hidden, output_head(ctx.student), teacher, labels[mask], ctx.vocab_size, ctx.chunk_size
+            objective,
+            hidden,  # [N, H]
+            output_head(ctx.student),
+            teacher,
+            labels[mask],
+            ctx.vocab_size,
+            ctx.chunk_size,
+            stats=stats,
         )
     return loss_sum.float(), mask.sum(), metrics
 
 
+class TokenStep:
+    """A token-level objective on the data's reference responses."""
+
+    def __init__(self, objective: Objective[Any]):
+        self.objective = objective
+
+    def stream(self, loader: Any, ctx: StepContext) -> LoaderStream:
+        return LoaderStream(loader)
+
+    def loss(self, ctx: StepContext, batch: Batch) -> tuple[Tensor, Tensor, Metrics]:
+        return token_loss(self.objective, ctx, batch)
+
+
 def eval_micro_batch(
-    probes: dict[str, Objective], ctx: StepContext, batch: dict[str, Tensor]
+    probes: dict[str, Objective[Any]], ctx: StepContext, batch: Batch
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Held-out loss *sums* of several token-level objectives on one batch, and its token count.
 
     One teacher forward and one student forward serve every probe (the probes differ only in
     the loss they compute from the same two sets of logits); the teacher is run only if some
-    probe needs it. Each sum equals ``token_micro_batch_loss(probe, ...)`` under ``no_grad``.
+    probe needs it. Each sum equals ``token_loss(probe, ...)`` under ``no_grad``.
     """
     batch = to_device(batch, ctx.device)
-    labels, mask = target_mask(batch)
-    needs = [p for p in probes.values() if p.needs_teacher]
-    teacher = teacher_signal(needs[0], ctx, batch, mask) if needs else TeacherSignal.none()
+    labels, mask = shifted_targets(batch["labels"])
+    needs_teacher = any(p.needs_teacher for p in probes.values())
+    teacher = teacher_signal(ctx, batch, mask) if needs_teacher else NoSignal()
     with torch.no_grad(), ctx.autocast():
-        hidden = hidden_states(ctx.student, batch["input_ids"], batch["attention_mask"])[:, :-1][
-            mask
-        ]  # [N, H]
+        hidden = hidden_states(ctx.student, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         sums = token_loss_sums(
             probes, hidden, output_head(ctx.student), teacher, labels[mask], ctx.vocab_size, ctx.chunk_size
         )
     return {name: loss_sum.float() for name, (loss_sum, _) in sums.items()}, mask.sum()
-
-
-BatchFn = Callable[[Iterable[dict[str, Tensor]], StepContext], Iterator[dict[str, Tensor]]]

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from kdtool.errors import UserError
+from kdtool.sampling import left_pad
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
@@ -111,22 +111,6 @@ def encode_prompts(
         return encoded, 0
     cut = sum(len(ids) > max_prompt_tokens for ids in encoded)
     return [ids[-max_prompt_tokens:] for ids in encoded], cut
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, T]``, padded on the left.
-
-    Left padding puts every prompt's last token in the last column, so the next token is sampled
-    from the same position for the whole batch.
-    """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def cut_at_eos(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
