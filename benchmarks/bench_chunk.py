@@ -7,7 +7,7 @@ hidden states and the head's weight. The trunks do not depend on the chunk size,
 out. Each (V, chunk) pair runs in a fresh subprocess (``bench_memory.worker``: the same warm-up,
 ``malloc_trim`` and RSS high-water reset); the chunk sizes of one V are interleaved over rounds so
 that load from other processes hits them alike. The default row of each V is what
-``kdtool.engine.default_chunk_size`` gives.
+``kdtool.chunking.default_chunk_size`` gives.
 
     python benchmarks/bench_chunk.py                     # CPU: V = 16k, 32k, 152k -> benchmarks/chunk_cpu.md
     python benchmarks/bench_chunk.py --device cuda --rows 8192 --hidden 896 --teacher-hidden 1536 \\

@@ -414,7 +414,7 @@ def rollout_speed(
     new_tokens: int = 128,
     tiny: bool = False,
 ) -> list[str]:
-    """minillm's rollout (``kdtool.rollout.sample``: student samples from 0.2·p + 0.8·q, the
+    """minillm's rollout (``kdtool.sampling.sample``: student samples from 0.2·p + 0.8·q, the
     teacher steps along) against HF ``generate`` of the teacher alone, sampled tokens/s, at the
     Qwen2.5 shapes (random weights, EOS disabled so every row samples ``new_tokens``)."""
     from kdtool.sampling import sample

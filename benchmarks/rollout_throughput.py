@@ -1,4 +1,4 @@
-"""Rollout throughput of ``kdtool.rollout.sample``: sampled tokens per second.
+"""Rollout throughput of ``kdtool.sampling.sample``: sampled tokens per second.
 
 Models are the demo's GPT-2-style pair (teacher 2 layers × 96, student 1 × 32, random weights:
 speed does not depend on training) on the built-in task's prompts. EOS is disabled so every row

@@ -5,7 +5,7 @@
 2. optionally an SFT warm start of the student (the official recipe starts MiniLLM from SFT);
 3. ``minillm`` through the ordinary trainer, checkpoints kept;
 4. the sequence-level reverse KL[q_θ(y|x) ‖ p(y|x)] on held-out prompts (one seeded sample per
-   prompt, ``kdtool.rollout.measure_reverse_kl``) for the starting student and every checkpoint.
+   prompt, ``kdtool.evaluation.sequence_kl.measure_reverse_kl``) for the starting student and every checkpoint.
 
 Usage:
     python examples/minillm_synthetic.py --workdir runs/minillm-synthetic --steps 200 \\
@@ -27,8 +27,8 @@ import torch
 from kdtool.config import parse_option_pairs, resolve
 from kdtool.data import TokenizedDataset, load_examples
 from kdtool.demo import TEACHER, TEACHER_TRAIN
+from kdtool.evaluation.sequence_kl import measure_reverse_kl
 from kdtool.models import load_model, load_tokenizer
-from kdtool.sampling import measure_reverse_kl
 from kdtool.synthetic import build_tokenizer, save_model, write_dataset
 from kdtool.trainer import train
 

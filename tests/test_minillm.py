@@ -7,20 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kdtool.objectives.minillm import (
-    MiniLLM,
-    MiniLLMOptions,
-    masked_whiten,
-    policy_loss,
-    prefix_weights,
-    rewards_to_go,
-    token_rewards,
-)
+from kdtool.objectives.minillm import MiniLLM, MiniLLMOptions
 
 from kdtool.context import RunSettings, StepContext
 from kdtool.errors import UserError
 from kdtool.lm_corpus import load_lm_examples
 from kdtool.onpolicy import RolloutStep
+from kdtool.policy_gradient import masked_whiten, policy_loss, prefix_weights, rewards_to_go, token_rewards
 from kdtool.registry import available, get_objective
 from kdtool.rollout import Buffer, collate, collect
 from kdtool.sampling import sample

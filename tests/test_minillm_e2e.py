@@ -9,8 +9,8 @@ import torch
 
 from kdtool.config import resolve
 from kdtool.data import TokenizedDataset, load_examples
+from kdtool.evaluation.sequence_kl import measure_reverse_kl
 from kdtool.models import load_model, load_tokenizer
-from kdtool.sampling import measure_reverse_kl
 from kdtool.trainer import train
 
 

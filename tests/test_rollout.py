@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kdtool.divergence import kl
-from kdtool.sampling import Rollout, filter_top_k_top_p, left_pad, mix_log_probs, sample, sequence_reverse_kl
+from kdtool.evaluation.sequence_kl import sequence_reverse_kl
+from kdtool.sampling import Rollout, filter_top_k_top_p, left_pad, mix_log_probs, sample
 from toy_lm import EOS, TableLM, all_responses, sequence_logprobs
 
 V, T = 4, 3

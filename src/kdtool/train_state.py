@@ -1,4 +1,5 @@
-"""What a checkpoint holds besides the weights, and the snapshot an interrupted step resumes from.
+"""Checkpoints of a run: what they hold besides the weights, the snapshot an interrupted step resumes
+from, and the ``Checkpointer`` that saves and loads them.
 
 The trainer takes a ``Snapshot`` at the start of every optimizer step: the micro-batch stream's
 position (``state_dict``), every RNG (Python, NumPy, torch, CUDA) and the sampling generator. A
@@ -9,9 +10,11 @@ step replays that whole step on resume, exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from kdtool import checkpoint
+from kdtool import checkpoint, distributed, lora
+from kdtool.config import DistillConfig
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
 
@@ -91,3 +94,50 @@ def restore(
     checkpoint.set_rng_state(rngs[info.rank])
     if generator is not None and "generator" in mine:
         generator.set_state(mine["generator"])
+
+
+class Checkpointer:
+    """Saves the student, optimizer, scheduler and every rank's snapshot (collectives on all ranks,
+    files on rank 0)."""
+
+    def __init__(self, directory: Path, cfg: DistillConfig, student: Any, optimizer: Any, scheduler: Any,
+                 adapter: Any | None, info: DistInfo, sharded: bool, config_yaml: str):  # fmt: skip
+        self.directory, self.cfg, self.config_yaml = directory, cfg, config_yaml
+        self.student, self.optimizer, self.scheduler, self.adapter = student, optimizer, scheduler, adapter
+        self.info, self.sharded = info, sharded
+
+    def save(self, state: TrainState, snapshot: Snapshot) -> Path:
+        rngs = distributed.gather_objects(snapshot.rng, self.info)
+        ranks = distributed.gather_objects(snapshot.rank_state(), self.info)
+        model_state = distributed.full_model_state(self.student, self.info, self.sharded)
+        optim_state = distributed.full_optimizer_state(self.student, self.optimizer, self.sharded)
+        where = self.directory / f"step-{state.step:06d}"
+        if self.info.is_main:
+            ts = trainer_state(state, rngs, ranks, optim_state, self.scheduler)
+            saver = self.student if self.adapter is None else self.adapter  # LoRA: the adapter only
+            where = checkpoint.save(
+                self.directory,
+                state.step,
+                saver,
+                ts,
+                self.config_yaml,
+                self.cfg.keep_checkpoints,
+                model_state,
+            )
+        distributed.barrier(self.info)
+        return where
+
+    def load(self, state: TrainState, stream: Any, generator: Any | None) -> Path:
+        last = checkpoint.latest(self.directory)
+        assert last is not None
+        saved = checkpoint.load_state(last)
+        weights = checkpoint.load_student_state(last)
+        if self.adapter is not None:
+            lora.load_adapter_state(self.adapter, weights)
+            self.optimizer.load_state_dict(saved["optimizer"])
+        else:
+            distributed.load_full_state(
+                self.student, self.optimizer, weights, saved["optimizer"], self.sharded
+            )
+        restore(saved, state, stream, self.scheduler, generator, self.info)
+        return last

@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from kdtool import checkpoint, distributed, lora
+from kdtool import distributed, lora
 from kdtool.config import DistillConfig
 from kdtool.context import StepContext
 from kdtool.data import BatchLoader
@@ -45,7 +45,7 @@ from kdtool.train_setup import (
     template_of,
     total_steps,
 )
-from kdtool.train_state import Snapshot, TrainState, restore, trainer_state
+from kdtool.train_state import Checkpointer, Snapshot, TrainState
 
 
 def seed_everything(seed: int) -> None:
@@ -153,58 +153,6 @@ def train_step(
     return loss_total / max(tokens, 1), tokens, out
 
 
-class Checkpointer:
-    """Saves the student, optimizer, scheduler and every rank's snapshot (collectives on all ranks,
-    files on rank 0)."""
-
-    def __init__(self, run: Run, cfg: DistillConfig, student: Any, optimizer: Any, scheduler: Any,
-                 adapter: Any | None, info: DistInfo, sharded: bool, config_yaml: str):  # fmt: skip
-        self.run, self.cfg, self.student, self.optimizer, self.scheduler = (
-            run,
-            cfg,
-            student,
-            optimizer,
-            scheduler,
-        )
-        self.adapter, self.info, self.sharded, self.config_yaml = adapter, info, sharded, config_yaml
-
-    def save(self, state: TrainState, snapshot: Snapshot) -> Path:
-        rngs = distributed.gather_objects(snapshot.rng, self.info)
-        ranks = distributed.gather_objects(snapshot.rank_state(), self.info)
-        model_state = distributed.full_model_state(self.student, self.info, self.sharded)
-        optim_state = distributed.full_optimizer_state(self.student, self.optimizer, self.sharded)
-        where = self.run.checkpoints / f"step-{state.step:06d}"
-        if self.info.is_main:
-            ts = trainer_state(state, rngs, ranks, optim_state, self.scheduler)
-            saver = self.student if self.adapter is None else self.adapter  # LoRA: the adapter only
-            where = checkpoint.save(
-                self.run.checkpoints,
-                state.step,
-                saver,
-                ts,
-                self.config_yaml,
-                self.cfg.keep_checkpoints,
-                model_state,
-            )
-        distributed.barrier(self.info)
-        return where
-
-    def load(self, state: TrainState, stream: Any, generator: Any | None) -> Path:
-        last = checkpoint.latest(self.run.checkpoints)
-        assert last is not None
-        saved = checkpoint.load_state(last)
-        weights = checkpoint.load_student_state(last)
-        if self.adapter is not None:
-            lora.load_adapter_state(self.adapter, weights)
-            self.optimizer.load_state_dict(saved["optimizer"])
-        else:
-            distributed.load_full_state(
-                self.student, self.optimizer, weights, saved["optimizer"], self.sharded
-            )
-        restore(saved, state, stream, self.scheduler, generator, self.info)
-        return last
-
-
 def train(
     cfg: DistillConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None
 ) -> Path:
@@ -275,7 +223,9 @@ def _train(
     optimizer, scheduler = setup_optimizer(cfg, student, steps)
     micro_batches = step.stream(loader, ctx)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    checkpoints = Checkpointer(run, cfg, student, optimizer, scheduler, adapter, info, sharded, config_yaml)
+    checkpoints = Checkpointer(
+        run.checkpoints, cfg, student, optimizer, scheduler, adapter, info, sharded, config_yaml
+    )
     state = TrainState()
     # Only rank 0 reports; a resumed run opens a new tracker run that continues at its step.
     # Opened before config.yaml is written, so a tracker that cannot start leaves no run behind.
