@@ -378,7 +378,7 @@ def missing_references(
             )
             continue
         path = TESTS / covered_elsewhere[name]
-        if not getattr(cls, "on_policy", False):
+        if getattr(cls, "scores_references", True):
             problems.append(f"objective {name!r} is token-level: add a reference for it to REFERENCES")
         elif not path.is_file():
             problems.append(f"objective {name!r}: {path} (its test file in COVERED_ELSEWHERE) does not exist")
@@ -560,7 +560,7 @@ def test_reference_table_matches_the_registry():
             cls.Options(**opts)  # every option set is valid
         # a sparse-capable objective is checked from a sparse teacher, and only those are
         assert bool(spec.sparse_cases) == cls.supports_sparse, name
-        assert not cls.on_policy, name
+        assert cls.scores_references, name
 
 
 # ================================================================ against the reference
