@@ -64,7 +64,6 @@ def shard_name(i: int) -> str:
 
 
 def _settings(cfg: CacheConfig, tokenizer: Any, model: Any, vocab: int, k: int) -> dict[str, Any]:
-    template = cfg.template()
     per_token = bytes_per_token(k, cfg.value_dtype, vocab)
     per_shard = cfg.examples_per_shard or max(1, SHARD_BYTES // (per_token * cfg.max_length))
     return {
@@ -73,17 +72,8 @@ def _settings(cfg: CacheConfig, tokenizer: Any, model: Any, vocab: int, k: int) 
         "teacher_class": type(model).__name__,
         "teacher_dtype": dtype_name(next(model.parameters()).dtype),
         "data": str(cfg.data),
-        **identity(
-            tokenizer,
-            cfg.data,
-            template,
-            cfg.max_length,
-            cfg.max_prompt_length,
-            cfg.prompt_field,
-            cfg.response_field,
-            cfg.skip_bad_lines,
-        ),
-        "template": template.to_dict(),
+        **identity(tokenizer, cfg),
+        "template": cfg.template().to_dict(),
         "k": k,
         "top_fraction": cfg.top_fraction if cfg.top_k is None else None,
         "top_k": cfg.top_k,

@@ -6,33 +6,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from kdtool.data import Template, file_fingerprint
+from kdtool.data import file_fingerprint
+from kdtool.data_config import DataConfig
 
 
-class CacheConfig(BaseModel):
-    """Everything ``kdtool cache-logits`` needs; the data-side fields must equal the training run's."""
+class CacheConfig(DataConfig):
+    """Everything ``kdtool cache-logits`` needs; the data-side fields (``DataConfig``'s) must equal
+    the training run's."""
 
     model_config = ConfigDict(extra="forbid")
 
     teacher: str = Field(..., description="Teacher: local directory or hub id.")
-    data: str = Field(..., description="Training data file (the one `kdtool distill --data` gets).")
     output: str = Field(..., description="Cache directory.")
     top_fraction: float | None = Field(None, gt=0, le=1, description="k = ceil(top_fraction·V) (0.05).")
     top_k: int | None = Field(None, gt=0, description="Store exactly k logits per token.")
     batch_size: int = Field(8, gt=0)
-    max_length: int = Field(512, gt=8)
-    max_prompt_length: int | None = None
-    prompt_field: str | None = None
-    response_field: str | None = None
-    skip_bad_lines: bool = False
-    template_no_input: str | None = None
-    template_with_input: str | None = None
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Teacher compute dtype: auto = bf16 on CUDA, fp32 on CPU."
@@ -53,15 +46,7 @@ class CacheConfig(BaseModel):
     def _check(self) -> CacheConfig:
         if self.top_fraction is not None and self.top_k is not None:
             raise ValueError("give --top-fraction or --top-k, not both")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
         return self
-
-    def template(self) -> Template:
-        default = Template()
-        return Template(
-            self.template_no_input or default.no_input, self.template_with_input or default.with_input
-        )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -83,27 +68,18 @@ def token_hash(ids: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)
 
 
-def identity(
-    tokenizer: Any,
-    data: str | Path,
-    template: Template,
-    max_length: int,
-    max_prompt_length: int | None,
-    prompt_field: str | None,
-    response_field: str | None,
-    skip_bad_lines: bool,
-) -> dict[str, Any]:
+def identity(tokenizer: Any, data: DataConfig) -> dict[str, Any]:
     """The fields a cache and a training run must agree on (name -> value)."""
     return {
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
-        "data_fingerprint": file_fingerprint(data),
-        "template_fingerprint": template.fingerprint(),
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
-        "prompt_field": prompt_field,
-        "response_field": response_field,
-        "skip_bad_lines": skip_bad_lines,
+        "data_fingerprint": file_fingerprint(data.data),
+        "template_fingerprint": data.template().fingerprint(),
+        "max_length": data.max_length,
+        "max_prompt_length": data.max_prompt_length,
+        "prompt_field": data.prompt_field,
+        "response_field": data.response_field,
+        "skip_bad_lines": data.skip_bad_lines,
     }
 
 

@@ -13,7 +13,8 @@ from torch import Tensor
 from kdtool.cache.codec import VALUE_DTYPES, decode_rows, indices_to
 from kdtool.cache.config import describe_mismatch, identity, token_hash
 from kdtool.cache.manifest import FORMAT, MANIFEST, read_manifest
-from kdtool.data import IGNORE_INDEX, Template
+from kdtool.data import IGNORE_INDEX
+from kdtool.data_config import DataConfig
 from kdtool.errors import UserError
 from kdtool.teacher import TeacherSignal
 
@@ -47,8 +48,9 @@ class TeacherCache:
         self._shard_of, self._start, self._count, self._hash = shard_of, start, count, hashes
 
     @classmethod
-    def open(cls, path: str | Path, tokenizer: Any = None, config: Any = None) -> TeacherCache:
-        """Open a cache and, given the run's tokenizer and ``DistillConfig``, check it matches.
+    def open(cls, path: str | Path, tokenizer: Any = None, config: DataConfig | None = None) -> TeacherCache:
+        """Open a cache and, given the run's tokenizer and data-side config (its ``DistillConfig``),
+        check that it matches.
 
         Raises:
             UserError: no/unfinished cache, or one built for another tokenizer, data file,
@@ -66,20 +68,7 @@ class TeacherCache:
                 f"--teacher-cache {root} is unfinished; complete it with `kdtool cache-logits --resume`"
             )
         if tokenizer is not None and config is not None:
-            default = Template()
-            template = Template(
-                config.template_no_input or default.no_input, config.template_with_input or default.with_input
-            )
-            wanted = identity(
-                tokenizer,
-                config.data,
-                template,
-                config.max_length,
-                config.max_prompt_length,
-                config.prompt_field,
-                config.response_field,
-                config.skip_bad_lines,
-            )
+            wanted = identity(tokenizer, config)
             diffs = describe_mismatch(manifest, wanted)
             if diffs:
                 raise UserError(f"--teacher-cache {root} does not match this run: {'; '.join(diffs)}")
