@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode
+from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode, parse_ints
 
 app = typer.Typer(
     add_completion=False,
@@ -275,16 +275,6 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
             raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 @app.command()
