@@ -37,7 +37,7 @@ def _root(
 @app.command()
 def objectives() -> None:
     """List the registered objectives, their one-line descriptions and options."""
-    from kdtool.registry import available, describe_options
+    from kdtool.registry import available, broken, describe_options
 
     table = Table(title="kdtool objectives", show_lines=True)
     for col in ("name", "description", "options (default): meaning"):
@@ -46,6 +46,12 @@ def objectives() -> None:
         opts = "\n".join(f"{o} ({d}): {desc}" for o, d, desc in describe_options(cls)) or "-"
         table.add_row(name, cls.description, opts)
     console.print(table)
+    for name, reason in broken().items():  # skipped, so the others stay usable; say why on stderr
+        err_console.print(
+            f"[yellow]skipped:[/] objective plug-in {name!r}: {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 Opt = typer.Option
