@@ -37,9 +37,9 @@ def plugin(tmp_path, monkeypatch):
     real = registry.entry_points
     extra = EntryPoint(name=name, value=value, group=registry.GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [*real(group=group), extra])
-    registry.available.cache_clear()
+    registry.reload()
     yield name
-    registry.available.cache_clear()
+    registry.reload()
     sys.modules.pop(value.split(":")[0], None)
 
 

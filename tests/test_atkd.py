@@ -435,3 +435,14 @@ def test_reverse_variant_trains_with_accumulation_and_chunks(tiny_dir, tmp_path)
     evals = [r for r in _records(trainer.train(resolve(None, flags))) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 10]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_rkl"] < evals[0]["eval_rkl"]
+
+
+def test_a_sparse_cache_with_base_rkl_is_refused_when_the_config_is_validated():
+    """Reverse KL to a top-k teacher is infinite: refused before any model loads, not at the first batch."""
+    from kdtool.config import resolve
+    from kdtool.errors import UserError
+
+    base = dict(student="s", data="d", output="o", teacher_cache="c", objective="atkd")
+    resolve(None, base)  # base=fkl trains from a cache
+    with pytest.raises(UserError, match="cannot train from a sparse --teacher-cache with these options"):
+        resolve(None, dict(base, objective_options={"base": "rkl"}))

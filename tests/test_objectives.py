@@ -523,14 +523,14 @@ def test_completeness_check_reports_an_objective_without_a_reference(monkeypatch
     real = list(registry.entry_points(group=registry.GROUP))
     fake = EntryPoint("fake_kd", "kdtool.objectives.forward_kl:ForwardKL", registry.GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda **_: [*real, fake])
-    registry.available.cache_clear()
+    registry.reload()
     try:
         found = registry.available()
         assert "fake_kd" in found
         problems = missing_references(found)
     finally:
         monkeypatch.undo()
-        registry.available.cache_clear()
+        registry.reload()
     assert len(problems) == 1
     assert "'fake_kd'" in problems[0] and "add a reference" in problems[0]
     assert "fake_kd" not in registry.available()

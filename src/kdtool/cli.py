@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode
+from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode, parse_ints
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +37,7 @@ def _root(
 @app.command()
 def objectives() -> None:
     """List the registered objectives, their one-line descriptions and options."""
-    from kdtool.registry import available, describe_options
+    from kdtool.registry import available, broken, describe_options
 
     table = Table(title="kdtool objectives", show_lines=True)
     for col in ("name", "description", "options (default): meaning"):
@@ -46,6 +46,12 @@ def objectives() -> None:
         opts = "\n".join(f"{o} ({d}): {desc}" for o, d, desc in describe_options(cls)) or "-"
         table.add_row(name, cls.description, opts)
     console.print(table)
+    for name, reason in broken().items():  # skipped, so the others stay usable; say why on stderr
+        err_console.print(
+            f"[yellow]skipped:[/] objective plug-in {name!r}: {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 Opt = typer.Option
@@ -275,16 +281,6 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
             raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from exc
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 @app.command()

@@ -9,6 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from kdtool.data_config import DataConfig
 from kdtool.errors import UserError
 from kdtool.options import TrustRemoteCode
 
@@ -16,19 +17,7 @@ Opt = typer.Option
 
 # Fields of a `kdtool distill` config file that decide which tokens get cached; a run trained
 # from the cache must use the same values, so reading them from the same file keeps them equal.
-SHARED_FIELDS = (
-    "teacher",
-    "data",
-    "max_length",
-    "max_prompt_length",
-    "prompt_field",
-    "response_field",
-    "skip_bad_lines",
-    "template_no_input",
-    "template_with_input",
-    "device",
-    "trust_remote_code",
-)
+SHARED_FIELDS = ("teacher", *DataConfig.model_fields, "device", "trust_remote_code")
 
 
 def cache_logits(

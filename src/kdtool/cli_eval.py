@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import TrustRemoteCode
+from kdtool.options import TrustRemoteCode, parse_ints
 
 eval_app = typer.Typer(
     no_args_is_help=True, help="Evaluate a model or a predictions file (Rouge-L, MiniLLM protocol)."
@@ -20,18 +20,6 @@ eval_app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 Opt = typer.Option
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise UserError(f"--seeds expects comma-separated integers, got {text!r}") from exc
-    if not seeds:
-        raise UserError("--seeds is empty")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds repeats a seed: {text}")
-    return seeds
 
 
 @eval_app.command("rougel")
@@ -85,7 +73,7 @@ def rougel(
 
             torch.set_num_threads(threads)
         sampling = Sampling(greedy, temperature, top_p, top_k, max_new_tokens)
-        seed_list = parse_seeds(seeds)
+        seed_list = parse_ints(seeds, "--seeds")
         with _progress(enabled=not no_progress) as bar:
             result = evaluate_model(
                 model,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdtool.data_config import DataConfig
 from kdtool.errors import UserError
 from kdtool.files import read_text
 
@@ -21,8 +22,8 @@ EVALS_PER_RUN = 10
 EVAL_SHARE = 0.05
 
 
-class DistillConfig(BaseModel):
-    """Everything a ``kdtool distill`` run needs."""
+class DistillConfig(DataConfig):
+    """Everything a ``kdtool distill`` run needs (the data-side fields come from ``DataConfig``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -35,20 +36,10 @@ class DistillConfig(BaseModel):
     student: str = Field(..., description="Student to start from: local directory or hub id.")
     teacher_cache: str | None = Field(None, description="Sparse teacher-logit cache (no teacher loaded).")
     output: str = Field(..., description="Run directory.")
-    # data
-    data: str = Field(..., description="Training data (JSONL or JSON array).")
+    # data (the training data's fields are DataConfig's)
     eval_data: str | None = Field(None, description="Held-out data; default: a split of --data.")
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Held-out share of --data when no --eval-data."
-    )
-    prompt_field: str | None = None
-    response_field: str | None = None
-    skip_bad_lines: bool = False
-    max_length: int = Field(512, gt=8, description="Max tokens of prompt + response.")
-    max_prompt_length: int | None = Field(None, description="Max prompt tokens (default max_length // 2).")
-    template_no_input: str | None = Field(None, description="Custom prompt template ({instruction}).")
-    template_with_input: str | None = Field(
-        None, description="Custom prompt template ({instruction}, {input})."
     )
     # optimisation
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps (overrides --epochs).")
@@ -139,6 +130,13 @@ class DistillConfig(BaseModel):
 
         return parse_target_modules(value)
 
+    def _accepts_sparse(self, cls: Any) -> bool:
+        try:  # invalid options are reported by the objective itself, with its own message
+            options = cls.Options(**self.objective_options)
+        except ValidationError:
+            return bool(cls.supports_sparse)
+        return bool(cls.accepts_sparse(options))
+
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         from kdtool.registry import get_class
@@ -146,20 +144,19 @@ class DistillConfig(BaseModel):
         cls = get_class(self.objective)
         if cls.needs_teacher and not (self.teacher or self.teacher_cache):
             raise ValueError(f"objective {self.objective!r} needs --teacher or --teacher-cache")
-        if self.teacher_cache and not cls.supports_sparse:
+        if self.teacher_cache and not self._accepts_sparse(cls):
             from kdtool.registry import available
 
             able = ", ".join(n for n, c in available().items() if c.supports_sparse)
+            detail = " with these options" if cls.supports_sparse else ""
             raise ValueError(
-                f"objective {self.objective!r} cannot train from a sparse --teacher-cache "
+                f"objective {self.objective!r} cannot train from a sparse --teacher-cache{detail} "
                 f"(objectives that can: {able})"
             )
         if self.merge and not self.lora:
             raise ValueError("--merge merges a LoRA adapter: it needs --lora")
         if self.lora and self.fsdp:
             raise ValueError("--lora with --fsdp is not supported yet (DDP is: drop --fsdp)")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
         return self
 
 
@@ -229,10 +226,6 @@ def resolve(file: str | Path | None, flags: dict[str, Any]) -> DistillConfig:
         return DistillConfig.model_validate(values)
     except ValidationError as exc:
         raise UserError(f"invalid configuration: {format_validation_error(exc, file, from_file)}") from exc
-
-
-def save(config: DistillConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def parse_option_pairs(pairs: list[str] | None) -> dict[str, Any]:

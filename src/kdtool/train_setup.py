@@ -13,7 +13,7 @@ from torch import nn
 from kdtool import distributed
 from kdtool.config import DistillConfig
 from kdtool.context import RunSettings, StepContext
-from kdtool.data import BatchLoader, LoadReport, Template, TokenizedDataset, load_examples, split_examples
+from kdtool.data import BatchLoader, LoadReport, TokenizedDataset, load_examples, split_examples
 from kdtool.distributed import DistInfo
 from kdtool.models import compute_dtype, load_model, load_tokenizer, shared_vocab_size
 from kdtool.objective import Objective
@@ -32,11 +32,6 @@ class Models:
     teacher_forward: nn.Module | None = None
 
 
-def template_of(cfg: DistillConfig) -> Template:
-    default = Template()
-    return Template(cfg.template_no_input or default.no_input, cfg.template_with_input or default.with_input)
-
-
 def make_step(objective: Objective[Any]) -> Step:
     """The rollout step for objectives that learn from the student's samples, else the token step."""
     return RolloutStep(objective) if objective.needs_rollouts else TokenStep(objective)
@@ -50,7 +45,7 @@ def setup_data(
         prompt_field=cfg.prompt_field,
         response_field=cfg.response_field,
         skip_bad_lines=cfg.skip_bad_lines,
-        template=template_of(cfg),
+        template=cfg.template(),
         report=report,
     )
     examples = load_examples(cfg.data, **kw)

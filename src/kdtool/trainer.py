@@ -42,7 +42,6 @@ from kdtool.train_setup import (
     setup_data,
     setup_models,
     setup_optimizer,
-    template_of,
     total_steps,
 )
 from kdtool.train_state import Checkpointer, Snapshot, TrainState
@@ -299,6 +298,6 @@ def _train(
     checkpoints.save(state, snapshot)
     final_state = distributed.full_model_state(student, info, sharded)
     if main:
-        finish(run, cfg, student, tokenizer, template_of(cfg), state, train_ds, report, final_state, adapter)
+        finish(run, cfg, student, tokenizer, cfg.template(), state, train_ds, report, final_state, adapter)
     distributed.barrier(info)
     return run.root
