@@ -5,6 +5,8 @@ Formats are detected per record (override with ``prompt_field``/``response_field
   dolly        {"instruction", "context"?, "response"}
   prompt/resp  {"prompt", "response" | "completion"}
   self-instruct {"instruction", "instances": [{"input", "output"}, ...]}  (one example per instance)
+  chat         {"messages": [{"role", "content"}, ...]} or ShareGPT {"conversations": [{"from", "value"}]}
+               (kept as messages, rendered with a chat template when tokenized: see kdtool.chat)
 Files are JSONL (one object per line) or a JSON array.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdtool import alpaca
+from kdtool import alpaca, chat
 from kdtool.alpaca import DEFAULT_TEMPLATE, Template
 from kdtool.errors import UserError
 from kdtool.files import field_names, json_records
@@ -38,12 +40,16 @@ class Example:
         prompt: the templated prompt (what the model sees before its answer).
         response: the reference answer used for training (the first reference).
         references: every acceptable answer (evaluation takes the max over them).
+        messages: a chat example's whole conversation (its ``prompt`` is then empty and its
+            ``response`` the last assistant turn); ``None`` for prompt/response examples.
     """
 
     prompt: str
     response: str
     references: list[str] = field(default_factory=list)
     index: int = -1  # position in the loaded file's example list (teacher caches key on it)
+    messages: list[chat.Message] | None = None
+    where: str = ""  # file:line it came from, for errors found when it is tokenized
 
     def __post_init__(self) -> None:
         if not self.references:
@@ -89,6 +95,9 @@ def _parse(
         if p_key == "instruction":
             prompt = template.format(prompt, _extra(record, "input", "context"))
         return [Example(prompt, _text(record, r_key))]
+    if chat.is_chat_record(record):
+        messages = chat.parse_record(record)
+        return [Example("", chat.reference(messages), messages=messages)]
     if "instances" in record and "instruction" in record:  # self-instruct
         instances = record["instances"]
         if not isinstance(instances, list) or not instances:
@@ -117,7 +126,7 @@ def _parse(
         return [Example(_text(record, "prompt"), _text(record, response_key))]
     raise ValueError(
         "unrecognised record: expected alpaca (instruction/output), dolly (instruction/response), "
-        "prompt/response or self-instruct (instruction/instances) fields; "
+        "prompt/response, self-instruct (instruction/instances) or chat (messages/conversations) fields; "
         f"got {field_names(record)} (use --prompt-field/--response-field)"
     )
 
@@ -145,12 +154,16 @@ def load_examples(
     examples: list[Example] = []
     for where, record in json_records(path):
         try:
-            examples.extend(_parse(record, template, prompt_field, response_field))
+            parsed = _parse(record, template, prompt_field, response_field)
         except ValueError as exc:
             if not skip_bad_lines:
                 raise UserError(f"{where}: {exc} (use --skip-bad-lines to skip such lines)") from exc
             if report is not None:
                 report.bad_lines.append(f"{where}: {exc}")
+            continue
+        for ex in parsed:
+            ex.where = where
+        examples.extend(parsed)
     if not examples:
         raise UserError(f"{path}: no examples found")
     for i, ex in enumerate(examples):
@@ -170,14 +183,21 @@ class Encoded:
 
 
 def encode_example(
-    tokenizer: Any, ex: Example, max_length: int, max_prompt_length: int | None = None
+    tokenizer: Any,
+    ex: Example,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    chat_template: str | None = None,
 ) -> Encoded:
     """Tokenize prompt + response + EOS; prompt positions get label -100 (labels are NOT shifted).
 
     Truncation rule: the prompt keeps its *last* ``max_prompt_length`` tokens (default
     ``max_length // 2``) so the "### Response:" cue survives; then the response (+ EOS) is cut
-    to fit ``max_length``.
+    to fit ``max_length``. A chat example is rendered with ``chat_template`` (default: the
+    tokenizer's) and trained on its assistant turns, under the same rule (:func:`_encode_chat`).
     """
+    if ex.messages is not None:
+        return _encode_chat(tokenizer, ex, max_length, max_prompt_length, chat_template)
     max_prompt = max_prompt_length or max_length // 2
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -190,14 +210,43 @@ def encode_example(
     return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, truncated)
 
 
+def _encode_chat(
+    tokenizer: Any, ex: Example, max_length: int, max_prompt_length: int | None, chat_template: str | None
+) -> Encoded:
+    """Every assistant turn is a target (:func:`kdtool.chat.assistant_mask`). Truncation: the rule
+    above, with everything before the first target as the prompt and every later turn as the response."""
+    try:
+        ids, mask = chat.assistant_mask(ex.messages or [], tokenizer, chat_template)
+    except ValueError as exc:
+        raise UserError(f"{ex.where or f'example {ex.index}'}: {exc}") from exc
+    labels = [i if target else IGNORE_INDEX for i, target in zip(ids, mask, strict=True)]
+    start = mask.index(True) if True in mask else len(ids)
+    cut = max(0, start - (max_prompt_length or max_length // 2))
+    kept = slice(cut, cut + max_length)
+    return Encoded(ids[kept], labels[kept], cut > 0 or len(ids) > cut + max_length)
+
+
 class TokenizedDataset:
-    """Examples tokenized once, kept as lists of ids (small; collated per batch)."""
+    """Examples tokenized once, kept as lists of ids (small; collated per batch).
+
+    ``template`` is the ``--template`` choice for chat examples (:func:`kdtool.chat.resolve_template`;
+    ``None`` = automatic); prompt/response examples were templated when loaded.
+    """
 
     def __init__(
-        self, examples: Sequence[Example], tokenizer: Any, max_length: int, max_prompt_length: int | None
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        max_length: int,
+        max_prompt_length: int | None,
+        template: str | None = None,
     ):
         self.examples = list(examples)
-        self.items = [encode_example(tokenizer, ex, max_length, max_prompt_length) for ex in self.examples]
+        self.chat_template = chat.resolve_template(template, tokenizer, self.examples)
+        self.items = [
+            encode_example(tokenizer, ex, max_length, max_prompt_length, self.chat_template)
+            for ex in self.examples
+        ]
         self.num_truncated = sum(item.truncated for item in self.items)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
