@@ -149,7 +149,7 @@ def test_template_file_becomes_the_tokenizers_chat_template(tmp_path):
         (
             "missing.jinja",
             [chat_example(CONVERSATION)],
-            "--template: expected chat or alpaca or a Jinja chat-template file; missing.jinja not found",
+            "--template: expected chat or alpaca or a Jinja chat-template file; missing.jinja is not a file",
         ),
     ],
 )
@@ -171,3 +171,6 @@ def test_template_file_errors(tmp_path):
     with pytest.raises(UserError, match=r"^d.jsonl:3: --template .*tpl.jinja is a chat template"):
         chat.resolve_template(str(good), chatml_tokenizer(), [Example("p", "r", where="d.jsonl:3")])
     assert chat.resolve_template("alpaca", chatml_tokenizer(), [Example("p", "r")]) is None
+    assert chat.resolve_template(str(good), chatml_tokenizer(), []) is None  # an empty held-out split
+    with pytest.raises(UserError, match=r"is not a file$"):
+        chat.resolve_template(str(tmp_path), chatml_tokenizer(), [chat_example(CONVERSATION)])

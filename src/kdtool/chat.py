@@ -135,14 +135,16 @@ def resolve_template(kind: str | None, tokenizer: Any, examples: Sequence[Any]) 
         ) from exc
 
 
-def _template_file(path: str, tokenizer: Any, chat: Any, plain: Any) -> str:
+def _template_file(path: str, tokenizer: Any, chat: Any, plain: Any) -> str | None:
     from pathlib import Path
 
     if not Path(path).is_file():
         raise UserError(
-            f"--template: expected {' or '.join(KINDS)} or a Jinja chat-template file; {path} not found"
+            f"--template: expected {' or '.join(KINDS)} or a Jinja chat-template file; {path} is not a file"
         )
-    if chat is None or plain is not None:
+    if chat is None and plain is None:  # no examples: nothing to render
+        return None
+    if plain is not None:
         raise UserError(
             f"{_where(plain)}: --template {path} is a chat template; it renders messages/conversations "
             "records only (use --template alpaca for instruction/prompt-response data)"
