@@ -50,6 +50,9 @@ class DistillConfig(BaseModel):
     template_with_input: str | None = Field(
         None, description="Custom prompt template ({instruction}, {input})."
     )
+    template: str | None = Field(
+        None, description="chat, alpaca or a Jinja chat-template file (None: by record format)."
+    )
     # optimisation
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps (overrides --epochs).")
     epochs: float = Field(1.0, gt=0)

@@ -20,3 +20,12 @@ TrustRemoteCode = Annotated[
         "(off by default: such models are refused).",
     ),
 ]
+
+ChatTemplateChoice = Annotated[
+    str | None,
+    typer.Option(
+        "--template",
+        help="Prompt template: chat (the tokenizer's chat template), alpaca, or a Jinja chat-template FILE "
+        "(default: chat for messages/conversations records, alpaca for the others).",
+    ),
+]
