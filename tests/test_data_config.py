@@ -25,6 +25,7 @@ DATA_FIELDS = {
     "max_prompt_length",
     "template_no_input",
     "template_with_input",
+    "template",
 }
 
 
@@ -51,12 +52,12 @@ def test_cache_logits_reads_exactly_the_data_fields_of_a_distill_config():
 
 def test_template_is_the_default_with_the_custom_strings_in_place():
     for cfg in (distill(), cache()):
-        assert cfg.template() == Template(PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT)
+        assert cfg.prompt_template() == Template(PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT)
     custom = {"template_no_input": "Q: {instruction}\nA: "}
     for cfg in (distill(**custom), cache(**custom)):
-        assert cfg.template() == Template("Q: {instruction}\nA: ", PROMPT_TEMPLATE_WITH_INPUT)
+        assert cfg.prompt_template() == Template("Q: {instruction}\nA: ", PROMPT_TEMPLATE_WITH_INPUT)
     both = {**custom, "template_with_input": "Q: {instruction} ({input})\nA: "}
-    assert cache(**both).template() == distill(**both).template() == Template(*both.values())
+    assert cache(**both).prompt_template() == distill(**both).prompt_template() == Template(*both.values())
 
 
 def test_the_length_check_applies_to_both_commands_beside_their_own_checks():

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode, parse_ints
+from kdtool.options import REMOTE_CODE_ENV, ChatTemplateChoice, TrustRemoteCode, parse_ints
 
 app = typer.Typer(
     add_completion=False,
@@ -81,6 +81,7 @@ def distill(
     skip_bad_lines: Annotated[
         bool | None, Opt("--skip-bad-lines", help="Skip and count malformed lines.")
     ] = None,
+    template: ChatTemplateChoice = None,
     max_steps: Annotated[int | None, Opt(help="Optimizer steps (overrides --epochs).")] = None,
     epochs: Annotated[float | None, Opt(help="Epochs over the training data.")] = None,
     batch_size: Annotated[int | None, Opt(help="Examples per micro-batch.")] = None,
@@ -143,6 +144,7 @@ def distill(
         prompt_field=prompt_field,
         response_field=response_field,
         skip_bad_lines=skip_bad_lines,
+        template=template,
         max_steps=max_steps,
         epochs=epochs,
         batch_size=batch_size,

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from kdtool.data_config import DataConfig
 from kdtool.errors import UserError
-from kdtool.options import TrustRemoteCode
+from kdtool.options import ChatTemplateChoice, TrustRemoteCode
 
 Opt = typer.Option
 
@@ -40,6 +40,7 @@ def cache_logits(
     prompt_field: Annotated[str | None, Opt(help="Field holding the prompt/instruction.")] = None,
     response_field: Annotated[str | None, Opt(help="Field holding the response.")] = None,
     skip_bad_lines: Annotated[bool | None, Opt("--skip-bad-lines", help="Skip malformed lines.")] = None,
+    template: ChatTemplateChoice = None,
     config: Annotated[
         Path | None, Opt(help="A `kdtool distill` YAML/TOML config: its data-side fields are the defaults.")
     ] = None,
@@ -74,6 +75,7 @@ def cache_logits(
         prompt_field=prompt_field,
         response_field=response_field,
         skip_bad_lines=skip_bad_lines,
+        template=template,
         device=device,
         dtype=dtype,
         value_dtype=value_dtype,

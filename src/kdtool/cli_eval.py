@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import TrustRemoteCode, parse_ints
+from kdtool.options import ChatTemplateChoice, TrustRemoteCode, parse_ints
 
 eval_app = typer.Typer(
     no_args_is_help=True, help="Evaluate a model or a predictions file (Rouge-L, MiniLLM protocol)."
@@ -48,6 +48,7 @@ def rougel(
     ] = None,
     prompt_field: Annotated[str | None, Opt(help="Field holding the prompt/instruction.")] = None,
     response_field: Annotated[str | None, Opt(help="Field holding the reference response.")] = None,
+    template: ChatTemplateChoice = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, Opt(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     threads: Annotated[
@@ -88,6 +89,7 @@ def rougel(
                 response_field=response_field,
                 max_prompt_length=max_prompt_length,
                 trust_remote_code=bool(trust_remote_code),
+                template=template,
                 progress=_seed_tasks(bar),
                 on_note=lambda note: err_console.print(f"[yellow]note:[/] {note}", highlight=False),
             )

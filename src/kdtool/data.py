@@ -1,10 +1,12 @@
-"""Instruction data: load common formats, apply the prompt template, tokenize, collate.
+"""Instruction data: load common formats, apply the prompt template (kdtool.alpaca), tokenize, collate.
 
 Formats are detected per record (override with ``prompt_field``/``response_field``):
   alpaca       {"instruction", "input"?, "output"}
   dolly        {"instruction", "context"?, "response"}
   prompt/resp  {"prompt", "response" | "completion"}
   self-instruct {"instruction", "instances": [{"input", "output"}, ...]}  (one example per instance)
+  chat         {"messages": [{"role", "content"}, ...]} or ShareGPT {"conversations": [{"from", "value"}]}
+               (kept as messages, rendered with a chat template when tokenized: see kdtool.chat)
 Files are JSONL (one object per line) or a JSON array.
 """
 
@@ -19,51 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdtool import alpaca, chat
+from kdtool.alpaca import DEFAULT_TEMPLATE, Template
 from kdtool.errors import UserError
 from kdtool.files import field_names, json_records
 from kdtool.targets import IGNORE_INDEX
 
-# The MiniLLM / Alpaca template; the response follows the final newline and ends with EOS.
-PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_TEMPLATE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-
-
-@dataclass(frozen=True)
-class Template:
-    """A prompt template: one string for examples without input, one for examples with input.
-
-    Both use ``{instruction}`` and ``{input}`` placeholders (``str.format`` syntax).
-    """
-
-    no_input: str = PROMPT_TEMPLATE
-    with_input: str = PROMPT_TEMPLATE_WITH_INPUT
-
-    def format(self, instruction: str, input: str = "") -> str:
-        if input and input.strip():
-            return self.with_input.format(instruction=instruction, input=input)
-        return self.no_input.format(instruction=instruction, input="")
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256((self.no_input + "\x00" + self.with_input).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, str]:
-        return {"no_input": self.no_input, "with_input": self.with_input}
-
-
-DEFAULT_TEMPLATE = Template()
-
-
-def format_prompt(instruction: str, input: str = "", template: Template = DEFAULT_TEMPLATE) -> str:
-    """The prompt for one instruction (and optional input) under ``template``."""
-    return template.format(instruction, input)
+# The Alpaca template's names, defined in kdtool.alpaca; importers know them from here.
+PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT = alpaca.PROMPT_TEMPLATE, alpaca.PROMPT_TEMPLATE_WITH_INPUT
+format_prompt = alpaca.format_prompt
 
 
 @dataclass
@@ -74,12 +40,16 @@ class Example:
         prompt: the templated prompt (what the model sees before its answer).
         response: the reference answer used for training (the first reference).
         references: every acceptable answer (evaluation takes the max over them).
+        messages: a chat example's whole conversation (its ``prompt`` is then empty and its
+            ``response`` the last assistant turn); ``None`` for prompt/response examples.
     """
 
     prompt: str
     response: str
     references: list[str] = field(default_factory=list)
     index: int = -1  # position in the loaded file's example list (teacher caches key on it)
+    messages: list[chat.Message] | None = None
+    where: str = ""  # file:line it came from, for errors found when it is tokenized
 
     def __post_init__(self) -> None:
         if not self.references:
@@ -125,6 +95,9 @@ def _parse(
         if p_key == "instruction":
             prompt = template.format(prompt, _extra(record, "input", "context"))
         return [Example(prompt, _text(record, r_key))]
+    if chat.is_chat_record(record):
+        messages = chat.parse_record(record)
+        return [Example("", chat.reference(messages), messages=messages)]
     if "instances" in record and "instruction" in record:  # self-instruct
         instances = record["instances"]
         if not isinstance(instances, list) or not instances:
@@ -153,7 +126,7 @@ def _parse(
         return [Example(_text(record, "prompt"), _text(record, response_key))]
     raise ValueError(
         "unrecognised record: expected alpaca (instruction/output), dolly (instruction/response), "
-        "prompt/response or self-instruct (instruction/instances) fields; "
+        "prompt/response, self-instruct (instruction/instances) or chat (messages/conversations) fields; "
         f"got {field_names(record)} (use --prompt-field/--response-field)"
     )
 
@@ -181,12 +154,16 @@ def load_examples(
     examples: list[Example] = []
     for where, record in json_records(path):
         try:
-            examples.extend(_parse(record, template, prompt_field, response_field))
+            parsed = _parse(record, template, prompt_field, response_field)
         except ValueError as exc:
             if not skip_bad_lines:
                 raise UserError(f"{where}: {exc} (use --skip-bad-lines to skip such lines)") from exc
             if report is not None:
                 report.bad_lines.append(f"{where}: {exc}")
+            continue
+        for ex in parsed:
+            ex.where = where
+        examples.extend(parsed)
     if not examples:
         raise UserError(f"{path}: no examples found")
     for i, ex in enumerate(examples):
@@ -206,14 +183,21 @@ class Encoded:
 
 
 def encode_example(
-    tokenizer: Any, ex: Example, max_length: int, max_prompt_length: int | None = None
+    tokenizer: Any,
+    ex: Example,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    chat_template: str | None = None,
 ) -> Encoded:
     """Tokenize prompt + response + EOS; prompt positions get label -100 (labels are NOT shifted).
 
     Truncation rule: the prompt keeps its *last* ``max_prompt_length`` tokens (default
     ``max_length // 2``) so the "### Response:" cue survives; then the response (+ EOS) is cut
-    to fit ``max_length``.
+    to fit ``max_length``. A chat example is rendered with ``chat_template`` (default: the
+    tokenizer's) and trained on its assistant turns, under the same rule (:func:`_encode_chat`).
     """
+    if ex.messages is not None:
+        return _encode_chat(tokenizer, ex, max_length, max_prompt_length, chat_template)
     max_prompt = max_prompt_length or max_length // 2
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -226,14 +210,43 @@ def encode_example(
     return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, truncated)
 
 
+def _encode_chat(
+    tokenizer: Any, ex: Example, max_length: int, max_prompt_length: int | None, chat_template: str | None
+) -> Encoded:
+    """Every assistant turn is a target (:func:`kdtool.chat.assistant_mask`). Truncation: the rule
+    above, with everything before the first target as the prompt and every later turn as the response."""
+    try:
+        ids, mask = chat.assistant_mask(ex.messages or [], tokenizer, chat_template)
+    except ValueError as exc:
+        raise UserError(f"{ex.where or f'example {ex.index}'}: {exc}") from exc
+    labels = [i if target else IGNORE_INDEX for i, target in zip(ids, mask, strict=True)]
+    start = mask.index(True) if True in mask else len(ids)
+    cut = max(0, start - (max_prompt_length or max_length // 2))
+    kept = slice(cut, cut + max_length)
+    return Encoded(ids[kept], labels[kept], cut > 0 or len(ids) > cut + max_length)
+
+
 class TokenizedDataset:
-    """Examples tokenized once, kept as lists of ids (small; collated per batch)."""
+    """Examples tokenized once, kept as lists of ids (small; collated per batch).
+
+    ``template`` is the ``--template`` choice for chat examples (:func:`kdtool.chat.resolve_template`;
+    ``None`` = automatic); prompt/response examples were templated when loaded.
+    """
 
     def __init__(
-        self, examples: Sequence[Example], tokenizer: Any, max_length: int, max_prompt_length: int | None
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        max_length: int,
+        max_prompt_length: int | None,
+        template: str | None = None,
     ):
         self.examples = list(examples)
-        self.items = [encode_example(tokenizer, ex, max_length, max_prompt_length) for ex in self.examples]
+        self.chat_template = chat.resolve_template(template, tokenizer, self.examples)
+        self.items = [
+            encode_example(tokenizer, ex, max_length, max_prompt_length, self.chat_template)
+            for ex in self.examples
+        ]
         self.num_truncated = sum(item.truncated for item in self.items)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -31,6 +31,9 @@ class DataConfig(BaseModel):
     template_with_input: str | None = Field(
         None, description="Custom prompt template ({instruction}, {input})."
     )
+    template: str | None = Field(
+        None, description="chat, alpaca or a Jinja chat-template file (None: by record format)."
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Self:
@@ -39,7 +42,7 @@ class DataConfig(BaseModel):
             raise ValueError("max_prompt_length must be smaller than max_length")
         return self
 
-    def template(self) -> Template:
+    def prompt_template(self) -> Template:
         """The prompt template: the default one, with each custom string given here in its place."""
         from kdtool.data import Template  # kdtool.data imports torch; validating a config must not
 

@@ -41,3 +41,13 @@ def parse_ints(text: str, flag: str) -> list[int]:
     if repeated:
         raise UserError(f"{flag} repeats {', '.join(map(str, repeated))}: {text}")
     return values
+
+
+ChatTemplateChoice = Annotated[
+    str | None,
+    typer.Option(
+        "--template",
+        help="Prompt template: chat (the tokenizer's chat template), alpaca, or a Jinja chat-template FILE "
+        "(default: chat for messages/conversations records, alpaca for the others).",
+    ),
+]

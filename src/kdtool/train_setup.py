@@ -45,7 +45,7 @@ def setup_data(
         prompt_field=cfg.prompt_field,
         response_field=cfg.response_field,
         skip_bad_lines=cfg.skip_bad_lines,
-        template=cfg.template(),
+        template=cfg.prompt_template(),
         report=report,
     )
     examples = load_examples(cfg.data, **kw)
@@ -53,7 +53,7 @@ def setup_data(
         train, held = examples, load_examples(cfg.eval_data, **kw)
     else:
         train, held = split_examples(examples, cfg.eval_fraction, cfg.seed)
-    make = lambda exs: TokenizedDataset(exs, tokenizer, cfg.max_length, cfg.max_prompt_length)  # noqa: E731
+    make = lambda exs: TokenizedDataset(exs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.template)  # noqa: E731
     return make(train), (make(held) if held else None), report
 
 

@@ -298,6 +298,8 @@ def _train(
     checkpoints.save(state, snapshot)
     final_state = distributed.full_model_state(student, info, sharded)
     if main:
-        finish(run, cfg, student, tokenizer, cfg.template(), state, train_ds, report, final_state, adapter)
+        finish(
+            run, cfg, student, tokenizer, cfg.prompt_template(), state, train_ds, report, final_state, adapter
+        )
     distributed.barrier(info)
     return run.root

@@ -72,7 +72,7 @@ def _settings(cfg: CacheConfig, tokenizer: Any, model: Any, vocab: int, k: int) 
         "teacher_dtype": dtype_name(next(model.parameters()).dtype),
         "data": str(cfg.data),
         **identity(tokenizer, cfg),
-        "template": cfg.template().to_dict(),
+        "template": cfg.prompt_template().to_dict(),
         "k": k,
         "top_fraction": cfg.top_fraction if cfg.top_k is None else None,
         "top_k": cfg.top_k,
@@ -137,9 +137,9 @@ def build_cache(
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     examples = load_examples(
-        cfg.data, cfg.prompt_field, cfg.response_field, cfg.skip_bad_lines, template=cfg.template()
+        cfg.data, cfg.prompt_field, cfg.response_field, cfg.skip_bad_lines, template=cfg.prompt_template()
     )
-    dataset = TokenizedDataset(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    dataset = TokenizedDataset(examples, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.template)
     compute = compute_dtype(cfg.dtype, device)
     model = load_model(cfg.teacher, device, compute, trust_remote_code=cfg.trust_remote_code)
     model = model.eval().requires_grad_(False)

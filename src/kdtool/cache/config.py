@@ -74,7 +74,7 @@ def identity(tokenizer: Any, data: DataConfig) -> dict[str, Any]:
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "data_fingerprint": file_fingerprint(data.data),
-        "template_fingerprint": data.template().fingerprint(),
+        "template_fingerprint": data.prompt_template().fingerprint(),
         "max_length": data.max_length,
         "max_prompt_length": data.max_prompt_length,
         "prompt_field": data.prompt_field,

@@ -178,6 +178,34 @@ def run_template(model_dir: str | Path) -> Any:
     return DEFAULT_TEMPLATE
 
 
+def encode_eval_prompts(
+    examples: Sequence[Any], tokenizer: Any, chat_template: str | None, budget: int | None
+) -> tuple[list[str], list[list[int]], int]:
+    """The prompt text and ids of each example, kept to their last ``budget`` tokens.
+
+    A chat example's prompt is its conversation up to the last assistant turn, rendered with
+    ``chat_template`` and the template's generation prompt (ids as ``apply_chat_template`` gives
+    them, no extra special tokens); other prompts are tokenized as in training. Returns the texts,
+    the ids and how many prompts were cut.
+    """
+    from kdtool import chat
+
+    texts, ids = [], []
+    for ex in examples:
+        if ex.messages is None:
+            texts.append(ex.prompt)
+            ids.append(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])
+            continue
+        try:
+            texts.append(chat.prompt_text(ex.messages, tokenizer, chat_template))
+        except ValueError as exc:
+            raise UserError(f"{ex.where or f'example {ex.index}'}: {exc}") from exc
+        ids.append(tokenizer(texts[-1], add_special_tokens=False)["input_ids"])
+    if budget is None:
+        return texts, ids, 0
+    return texts, [row[-budget:] for row in ids], sum(len(row) > budget for row in ids)
+
+
 def load_for_eval(
     model_dir: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
@@ -214,6 +242,7 @@ def evaluate_model(
     response_field: str | None = None,
     max_prompt_length: int | None = None,
     trust_remote_code: bool = False,
+    template: str | None = None,
     progress: Callable[[int | None, int], Callable[[int], None]] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -226,28 +255,33 @@ def evaluate_model(
             number of finished examples after each batch.
         on_note: receives one-line notes (e.g. how many prompts were truncated).
         trust_remote_code: let a model whose config has an ``auto_map`` run its own code.
+        template: the ``--template`` choice (:func:`kdtool.chat.resolve_template`; ``None`` =
+            automatic): chat examples are prompted with the conversation up to their last assistant
+            turn and scored against that turn's content.
     """
     import torch
 
+    from kdtool.chat import resolve_template
     from kdtool.data import load_examples
-    from kdtool.evaluation.generate import encode_prompts, generate, prompt_budget
+    from kdtool.evaluation.generate import generate, prompt_budget
 
-    template = run_template(model_dir)
-    loaded = load_examples(data, prompt_field, response_field, template=template)
+    alpaca = run_template(model_dir)
+    loaded = load_examples(data, prompt_field, response_field, template=alpaca)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
         loaded = loaded[:limit]
     model, tokenizer = load_for_eval(model_dir, device, dtype, trust_remote_code)
     budget = prompt_budget(model, sampling.max_new_tokens, max_prompt_length)
-    prompt_ids, n_cut = encode_prompts(tokenizer, [ex.prompt for ex in loaded], budget)
+    chat_template = resolve_template(template, tokenizer, loaded)
+    prompts, prompt_ids, n_cut = encode_eval_prompts(loaded, tokenizer, chat_template, budget)
     if empty := [ex.index for ex, ids in zip(loaded, prompt_ids, strict=True) if not ids]:
         raise UserError(f"{data}: example {empty[0]} has an empty prompt; nothing to generate from")
     if n_cut and on_note is not None:
         on_note(
             f"{n_cut} of {len(loaded)} prompts were longer than {budget} tokens; kept their last {budget}"
         )
-    examples = [Scored(ex.index, ex.prompt, list(ex.references)) for ex in loaded]
+    examples = [Scored(ex.index, p, list(ex.references)) for ex, p in zip(loaded, prompts, strict=True)]
     references = [ex.references for ex in examples]
     runs, timings = [], []
     for seed in [None] if sampling.greedy else list(seeds):
@@ -281,6 +315,7 @@ def evaluate_model(
         "cpu_threads": torch.get_num_threads(),
         "max_prompt_tokens": budget,
         "truncated_prompts": n_cut,
-        "template": template.to_dict(),
+        "template": alpaca.to_dict(),
+        "chat_template": chat_template,
     }
     return build_result(examples, runs, settings, timings)
