@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import string
 
@@ -118,3 +119,31 @@ def test_answer_probabilities_match_a_direct_computation(tiny_dir):
                 log_q = torch.log_softmax(model(torch.tensor([ids + target])).logits[0].float(), -1)
             want = sum(log_q[len(ids) - 1 + j, t].item() for j, t in enumerate(target))
             assert math.log(p) == pytest.approx(want, abs=1e-4)
+
+
+def test_the_tokenizer_is_the_same_under_every_hash_seed_and_matches_the_shipped_teacher():
+    """Token ids come from a sorted list, not a set's order (which PYTHONHASHSEED changes): a
+    tokenizer built in any process equals the shipped teacher's, so the demo's pair always agrees."""
+    import subprocess
+    import sys
+
+    from kdtool import demo
+
+    code = (
+        "from kdtool.synthetic import build_tokenizer; print(sorted(build_tokenizer().get_vocab().items()))"
+    )
+    vocabs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in range(6)
+    }
+    assert len(vocabs) == 1
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(demo.shipped_teacher())
+    assert str(sorted(shipped.get_vocab().items())) + "\n" == vocabs.pop()

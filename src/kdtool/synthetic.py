@@ -42,8 +42,9 @@ TEMPLATE_PHRASES = sorted(
         "\n\n",
         *INSTRUCTIONS.values(),
     },
-    key=len,
-    reverse=True,
+    # longest first (so a phrase is matched before its prefixes), ties alphabetically: a set's order
+    # changes with PYTHONHASHSEED, and the token ids must not (the shipped teacher's are these)
+    key=lambda phrase: (-len(phrase), phrase),
 )
 TASKS = ("reverse", "add", "sort", "above")  # the demo's mix ("pick" is kept for experiments)
 PICK_SIZE = 3  # letters listed in a "pick" prompt (each a valid answer)
