@@ -195,6 +195,24 @@ def prompt_ids(messages: Sequence[Message], tokenizer: Any, chat_template: str |
     )
 
 
+def end_of_turn_ids(tokenizer: Any, chat_template: str | None = None) -> list[int]:
+    """The special token(s) the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<end_of_turn>``, …): where a sampled answer stops. ``[]`` without a chat template."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        return []
+    turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    try:
+        text = render(turn, tokenizer, chat_template)
+    except ValueError:
+        return []
+    after = text[text.rfind("A") + 1 :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(
+        getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    )
+    return [ids[0]] if ids and ids[0] in special else []
+
+
 def assistant_spans(
     messages: Sequence[Message], tokenizer: Any, chat_template: str | None
 ) -> tuple[str, list[tuple[int, int]]]:

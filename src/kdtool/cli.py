@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import REMOTE_CODE_ENV, ChatTemplateChoice, TrustRemoteCode, parse_ints
+from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode, parse_ints
 
 app = typer.Typer(
     add_completion=False,
@@ -57,152 +57,15 @@ def objectives() -> None:
 Opt = typer.Option
 
 
-@app.command()
-def distill(
-    objective: Annotated[str | None, Opt(help="Objective name (see `kdtool objectives`).")] = None,
-    teacher: Annotated[str | None, Opt(help="Teacher model: local directory or hub id.")] = None,
-    student: Annotated[
-        str | None, Opt(help="Student model to start from: local directory or hub id.")
-    ] = None,
-    data: Annotated[
-        str | None, Opt(help="Training data: JSONL or JSON array (alpaca, dolly, prompt/response).")
-    ] = None,
-    output: Annotated[str | None, Opt(help="Run directory.")] = None,
-    config: Annotated[Path | None, Opt(help="YAML or TOML config file; flags override it.")] = None,
-    option: Annotated[
-        list[str] | None, Opt("--option", "-O", help="Objective option key=value (repeatable).")
-    ] = None,
-    teacher_cache: Annotated[
-        str | None, Opt(help="Sparse teacher-logit cache from `kdtool cache-logits`.")
-    ] = None,
-    eval_data: Annotated[str | None, Opt(help="Held-out data (default: a split of --data).")] = None,
-    prompt_field: Annotated[str | None, Opt(help="Field holding the prompt/instruction.")] = None,
-    response_field: Annotated[str | None, Opt(help="Field holding the response.")] = None,
-    skip_bad_lines: Annotated[
-        bool | None, Opt("--skip-bad-lines", help="Skip and count malformed lines.")
-    ] = None,
-    template: ChatTemplateChoice = None,
-    max_steps: Annotated[int | None, Opt(help="Optimizer steps (overrides --epochs).")] = None,
-    epochs: Annotated[float | None, Opt(help="Epochs over the training data.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Examples per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate (AdamW).")] = None,
-    warmup_steps: Annotated[int | None, Opt(help="Linear warm-up steps.")] = None,
-    max_length: Annotated[int | None, Opt(help="Max tokens of prompt + response.")] = None,
-    chunk_size: Annotated[int | None, Opt(help="Rows per chunk in the token-loss engine.")] = None,
-    seed: Annotated[int | None, Opt(help="Random seed.")] = None,
-    fsdp: Annotated[bool | None, Opt("--fsdp", help="Shard the student with FSDP2 (under torchrun).")] = None,
-    fsdp_teacher: Annotated[bool | None, Opt("--fsdp-teacher", help="Shard the teacher with FSDP2.")] = None,
-    teacher_device_map: Annotated[
-        str | None, Opt(help="Spread the teacher over devices (e.g. auto).")
-    ] = None,
-    device: Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[
-        str | None, Opt(help="auto (bf16 autocast and bf16 teacher on CUDA), float32 or bfloat16.")
-    ] = None,
-    dist_timeout_minutes: Annotated[
-        float | None, Opt(help="Timeout of collectives under torchrun (default 60).")
-    ] = None,
-    log_every: Annotated[int | None, Opt(help="Steps between metrics.jsonl lines.")] = None,
-    eval_every: Annotated[int | None, Opt(help="Steps between held-out evals.")] = None,
-    eval_batches: Annotated[int | None, Opt(help="Held-out batches per eval.")] = None,
-    save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
-    lora: Annotated[
-        bool | None, Opt("--lora", help="Train LoRA adapters on the frozen student (needs kdtool[lora]).")
-    ] = None,
-    lora_r: Annotated[int | None, Opt(help="LoRA rank (default 8).")] = None,
-    lora_alpha: Annotated[float | None, Opt(help="LoRA alpha (default 16; scale = alpha / r).")] = None,
-    lora_dropout: Annotated[float | None, Opt(help="Dropout on the LoRA branch (default 0).")] = None,
-    lora_target_modules: Annotated[
-        str | None, Opt(help="Comma-separated module names to adapt (default: peft's for the architecture).")
-    ] = None,
-    merge: Annotated[
-        bool | None, Opt("--merge", help="With --lora: also write the merged model to the run directory.")
-    ] = None,
-    report_to: Annotated[
-        str | None,
-        Opt(help="Also log metrics to tensorboard, wandb and/or trackio (comma-separated), or none."),
-    ] = None,
-    no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
-    trust_remote_code: TrustRemoteCode = None,
-    resume: Annotated[
-        bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")
-    ] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace whatever is in --output.")] = False,
-) -> None:
-    """Distil TEACHER into STUDENT with an objective; writes a Hugging Face model to OUTPUT."""
-    from kdtool.config import parse_option_pairs, resolve
-
-    flags: dict[str, Any] = dict(
-        objective=objective,
-        teacher=teacher,
-        student=student,
-        data=data,
-        output=output,
-        teacher_cache=teacher_cache,
-        eval_data=eval_data,
-        prompt_field=prompt_field,
-        response_field=response_field,
-        skip_bad_lines=skip_bad_lines,
-        template=template,
-        max_steps=max_steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        max_length=max_length,
-        chunk_size=chunk_size,
-        seed=seed,
-        fsdp=fsdp,
-        fsdp_teacher=fsdp_teacher,
-        teacher_device_map=teacher_device_map,
-        device=device,
-        dtype=dtype,
-        dist_timeout_minutes=dist_timeout_minutes,
-        log_every=log_every,
-        eval_every=eval_every,
-        eval_batches=eval_batches,
-        save_every=save_every,
-        lora=lora,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules,
-        merge=merge,
-        report_to=report_to,
-        progress=False if no_progress else None,
-        trust_remote_code=trust_remote_code,
-        objective_options=parse_option_pairs(option),
-    )
-    cfg = resolve(config, flags)  # no torch yet: a bad flag or config is reported at once
-    from kdtool.trackers import require_installed
-
-    require_installed(cfg.report_to)
-    if cfg.lora:
-        from kdtool.lora import require_peft_installed
-
-        require_peft_installed()
-    # The next ~3 s are imports; on a terminal say so at once (transient: nothing is left in logs).
-    with err_console.status("importing torch and transformers"):
-        from kdtool.trainer import train
-
-    root = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
-    if os.environ.get("RANK", "0") == "0":
-        console.print(f"student written to {root} ({timing_of(root)})", soft_wrap=True, highlight=False)
-
-
-def timing_of(root: Path) -> str:
-    """``wall 61.2 s, of which evaluation 3.1 s (5.1%)``, from the run's ``kdtool.json``."""
-    summary = json.loads((root / "kdtool.json").read_text())
-    wall, spent = summary["wall_time_s"], summary["eval_time_s"]
-    return f"wall {wall:.1f} s, of which evaluation {spent:.1f} s ({100 * summary['eval_share']:.1f}%)"
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def compare(
     ctx: typer.Context,
-    objectives: Annotated[str, Opt(help="Comma-separated objectives, e.g. fkl,rkl,minillm,slim,atkd,sft.")],
+    objectives: Annotated[
+        str,
+        Opt(
+            help="Comma-separated objectives, e.g. fkl,rkl,minillm,slim,atkd,sft; LABEL=OBJECTIVE runs an objective under another name (with its own --objective-args)."
+        ),
+    ],
     teacher: Annotated[str, Opt(help="Teacher model (also evaluated as a reference row).")],
     student: Annotated[str, Opt(help="The initial student every run starts from.")],
     data: Annotated[str, Opt(help="Training data.")],
@@ -227,6 +90,12 @@ def compare(
         list[str] | None,
         Opt(help="OBJECTIVE=SOURCE: start OBJECTIVE from SOURCE's same-seed student (e.g. minillm=sft)."),
     ] = None,
+    objective_args: Annotated[
+        list[str] | None,
+        Opt(
+            help='LABEL="FLAGS": distill flags for one entry only (repeatable), e.g. rkl-gkd="--responses student".'
+        ),
+    ] = None,
     baseline: Annotated[str, Opt(help="Objective the report pairs every other with, seed by seed.")] = "sft",
     primary_metric: Annotated[str, Opt(help="Metric that sorts the table and the plot.")] = "rougeL",
     metrics_module: Annotated[
@@ -243,14 +112,17 @@ def compare(
     from kdtool.compare import CompareSpec, parse_objective_options, run_compare
     from kdtool.registry import get_class
 
-    names = [o.strip() for o in objectives.split(",") if o.strip()]
+    entries = [o.strip() for o in objectives.split(",") if o.strip()]
+    aliases = dict(e.split("=", 1) for e in entries if "=" in e)  # label=objective
+    names = [e.partition("=")[0] for e in entries]
     for name in names:
-        get_class(name)  # unknown objective: one clear line before anything runs
+        get_class(aliases.get(name, name))  # unknown objective: one clear line before anything runs
     if trust_remote_code:
         # Every child `distill` and `eval rougel` reads its --trust-remote-code from the environment.
         os.environ[REMOTE_CODE_ENV] = "1"
     spec = CompareSpec(
         objectives=names,
+        aliases=aliases,
         seeds=parse_ints(seeds, "--seeds"),
         teacher=teacher,
         student=student,
@@ -268,6 +140,9 @@ def compare(
         threads=threads,
         jobs=jobs,
         init_from=parse_pairs(init_from, "--init-from"),
+        objective_args={
+            k: shlex.split(v) for k, v in parse_pairs(objective_args, "--objective-args").items()
+        },
         baseline=baseline,
         primary_metric=primary_metric,
         metrics_module=metrics_module,
@@ -318,8 +193,10 @@ def demo(
 
 
 from kdtool.cli_cache import cache_logits  # noqa: E402  (a sub-command in its own module)
+from kdtool.cli_distill import distill  # noqa: E402  (a sub-command in its own module)
 from kdtool.cli_eval import eval_app  # noqa: E402  (sub-app; imports only typer and rich)
 
+app.command("distill")(distill)
 app.command("cache-logits")(cache_logits)
 app.add_typer(eval_app, name="eval")
 

@@ -55,6 +55,9 @@ class CompareSpec:
     metrics_module: str | None = None
     # objective -> extra distill flags after distill_args (they win), e.g. a shorter minillm phase
     objective_args: dict[str, list[str]] = field(default_factory=dict)
+    # label -> registered objective, for entries `label=objective` of --objectives (the same objective
+    # twice with different --objective-args, e.g. rkl on references and on the student's samples)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def identity(settings: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +172,7 @@ def distill_cmd(spec: CompareSpec, objective: str, seed: int, run: Path, student
     cmd = kdtool_cmd(
         "distill",
         "--objective",
-        objective,
+        spec.aliases.get(objective, objective),
         "--teacher",
         spec.teacher,
         "--student",

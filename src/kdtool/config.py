@@ -41,6 +41,23 @@ class DistillConfig(DataConfig):
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Held-out share of --data when no --eval-data."
     )
+    # where responses come from (kdtool.responses): the data's, the student's samples, the teacher's
+    responses: Literal["reference", "student", "teacher"] = Field(
+        "reference",
+        description="reference (the data's), student (on-policy, GKD) or teacher (sequence-level KD).",
+    )
+    on_policy_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of micro-batches answered by the student (GKD's lmbda); the rest come from "
+        "--responses (default: 1 with --responses student, else 0).",
+    )
+    max_new_tokens: int = Field(
+        128, gt=0, description="Max tokens of a sampled response (also cut by max_length)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of sampled responses.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of sampled responses (1 = off).")
     # optimisation
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps (overrides --epochs).")
     epochs: float = Field(1.0, gt=0)
@@ -130,6 +147,33 @@ class DistillConfig(DataConfig):
 
         return parse_target_modules(value)
 
+    @property
+    def student_share(self) -> float:
+        """The share of micro-batches whose responses the student samples (on-policy)."""
+        if self.on_policy_fraction is not None:
+            return self.on_policy_fraction
+        return 1.0 if self.responses == "student" else 0.0
+
+    def _check_responses(self, cls: Any) -> None:
+        if self.responses == "reference" and self.student_share == 0:
+            return
+        if cls.needs_rollouts:
+            raise ValueError(
+                f"objective {self.objective!r} samples its own responses: set them with its options, "
+                "not --responses / --on-policy-fraction"
+            )
+        if self.teacher_cache:
+            raise ValueError(
+                "a --teacher-cache scores the data's responses only: sampled responses need --teacher"
+            )
+        if not self.teacher:
+            raise ValueError("sampled responses (--responses / --on-policy-fraction) need a live --teacher")
+        if not cls.needs_teacher and self.student_share > 0:
+            raise ValueError(
+                f"objective {self.objective!r} does not read the teacher: training it on the student's own "
+                "samples teaches nothing (use --responses teacher for sequence-level KD)"
+            )
+
     def _accepts_sparse(self, cls: Any) -> bool:
         try:  # invalid options are reported by the objective itself, with its own message
             options = cls.Options(**self.objective_options)
@@ -153,6 +197,7 @@ class DistillConfig(DataConfig):
                 f"objective {self.objective!r} cannot train from a sparse --teacher-cache{detail} "
                 f"(objectives that can: {able})"
             )
+        self._check_responses(cls)
         if self.merge and not self.lora:
             raise ValueError("--merge merges a LoRA adapter: it needs --lora")
         if self.lora and self.fsdp:

@@ -28,17 +28,32 @@ class RunSettings:
     grad_accum: int = 1
     max_length: int = 512
     max_prompt_length: int | None = None
+    responses: str = "reference"  # off-policy responses: "reference" or "teacher"
+    student_share: float = 0.0  # share of micro-batches the student answers (on-policy)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     @classmethod
     def of(cls, config: Any) -> RunSettings:
-        """The fields of a ``DistillConfig`` (or anything with these attributes)."""
+        """The fields of a ``DistillConfig``."""
         return cls(
             seed=config.seed,
             batch_size=config.batch_size,
             grad_accum=config.grad_accum,
             max_length=config.max_length,
             max_prompt_length=config.max_prompt_length,
+            responses=config.responses,
+            student_share=config.student_share,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
         )
+
+    @property
+    def samples_responses(self) -> bool:
+        """Whether some micro-batches train on sampled responses instead of the data's."""
+        return self.responses != "reference" or self.student_share > 0
 
 
 @dataclass
@@ -50,6 +65,7 @@ class StepContext:
         teacher: the live teacher (eval mode, no grad), or ``None``.
         teacher_cache: a sparse teacher cache (``kdtool.cache.TeacherCache``), or ``None``.
         tokenizer: the shared tokenizer (its pad and EOS ids are used).
+        stop_token_ids: tokens besides EOS that end a sampled response (chat end of turn).
         vocab_size: the vocabulary both models are compared on.
         device: where the student's batches go.
         chunk_size: rows per chunk of the token-loss engine (``None`` = its default).
@@ -70,6 +86,7 @@ class StepContext:
     tokenizer: Any
     vocab_size: int
     device: torch.device
+    stop_token_ids: tuple[int, ...] = ()
     chunk_size: int | None = None
     autocast_dtype: torch.dtype | None = None
     generator: torch.Generator | None = None

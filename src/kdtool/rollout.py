@@ -80,9 +80,15 @@ class Buffer:
 
 
 def prompts_of(batch: Batch) -> list[Tensor]:
-    """The prompt tokens of each row of a training batch (positions with label −100)."""
-    keep = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
-    return [row[k] for row, k in zip(batch["input_ids"], keep, strict=True)]
+    """The prompt of each row of a training batch: its tokens before the last run of targets (the
+    last response; in a multi-turn chat the earlier turns, answers included, are the context)."""
+    out = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        target = (labels != IGNORE_INDEX) & mask.bool()
+        starts = (target[1:] & ~target[:-1]).nonzero().flatten() + 1  # where a run of targets begins
+        first = int(starts[-1]) if len(starts) else (0 if bool(target[:1].any()) else int(mask.sum()))
+        out.append(ids[:first])
+    return out
 
 
 def collate(buffer: Buffer, rows: list[int], pad_id: int) -> Batch:
@@ -156,6 +162,7 @@ def collect(
                     generator=ctx.generator,
                     vocab_size=ctx.vocab_size,
                     any_rank=sync.any if sync else None,
+                    stop_token_ids=ctx.stop_token_ids,
                     student_call=ctx.student_call,
                     teacher_call=ctx.teacher_call,
                 )

@@ -180,6 +180,7 @@ def sample(
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
     stop_early: bool = True,
+    stop_token_ids: Sequence[int] = (),
     student_call: Any | None = None,
     teacher_call: Any | None = None,
     any_rank: Callable[[bool], bool] | None = None,
@@ -203,6 +204,7 @@ def sample(
         generator: seeds the sampling (on the student's device).
         vocab_size: compare only the first ``vocab_size`` logits (padded embedding matrices).
         stop_early: stop once every row has emitted EOS (``False``: always ``max_new_tokens``).
+        stop_token_ids: further tokens that end a response like EOS (a chat template's end of turn).
         student_call, teacher_call: what runs each model (default: the model); under FSDP2 the
             module its wrapper owns, so that the wrapper's hooks gather the parameters.
         any_rank: with sharded models, reduces "this rank still decodes" over ranks (logical
@@ -221,6 +223,8 @@ def sample(
     batch = prompt_ids.shape[0]
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]: left padding does not shift positions
+    stop_list = ([eos_token_id] if eos_token_id is not None else []) + list(stop_token_ids)
+    stops = torch.tensor(stop_list, device=device) if stop_list else None
     s_step = _Stepper(student, vocab_size, device, student_call)
     t_step = _Stepper(teacher, vocab_size, device, teacher_call) if teacher is not None else None
     ids = prompt_ids
@@ -253,8 +257,8 @@ def sample(
         if log_p is not None:
             cols["lp"].append(log_p.gather(-1, pick).squeeze(-1))
             cols["kl"].append(kl(log_q, log_p))
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
+        if stops is not None:
+            finished = finished | torch.isin(token, stops)
         ids = token.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1

@@ -114,12 +114,17 @@ def token_loss(
 
 
 class TokenStep:
-    """A token-level objective on the data's reference responses."""
+    """A token-level objective on the data's reference responses, or on sampled ones."""
 
     def __init__(self, objective: Objective[Any]):
         self.objective = objective
 
-    def stream(self, loader: Any, ctx: StepContext) -> LoaderStream:
+    def stream(self, loader: Any, ctx: StepContext) -> MicroBatchStream:
+        """The data's batches as they are, or with sampled responses (``kdtool.responses``)."""
+        if ctx.settings.samples_responses:
+            from kdtool.responses import ResponseStream
+
+            return ResponseStream(loader, ctx)
         return LoaderStream(loader)
 
     def loss(self, ctx: StepContext, batch: Batch) -> tuple[Tensor, Tensor, Metrics]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdtool import distributed
+from kdtool.chat import end_of_turn_ids
 from kdtool.config import DistillConfig
 from kdtool.context import RunSettings, StepContext
 from kdtool.data import BatchLoader, LoadReport, TokenizedDataset, load_examples, split_examples
@@ -133,6 +134,7 @@ def setup_context(
         tokenizer=tokenizer,
         vocab_size=models.vocab_size,
         device=device,
+        stop_token_ids=tuple(end_of_turn_ids(tokenizer)),
         chunk_size=cfg.chunk_size,
         autocast_dtype=compute_dtype(cfg.dtype, device),
         generator=torch.Generator(device=device).manual_seed(cfg.seed + info.rank),

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kdtool.chat import end_of_turn_ids
 from kdtool.errors import UserError
 from kdtool.sampling import left_pad
 
@@ -76,10 +77,11 @@ class Sampling:
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus any extra EOS ids the model's generation config lists."""
+    """The tokenizer's EOS, any extra EOS ids the model's generation config lists, and the chat
+    template's end-of-turn token (a chat-trained student ends its answer with it)."""
     ids = [tokenizer.eos_token_id]
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for tok in [extra] if isinstance(extra, int) else (extra or []):
+    for tok in [*([extra] if isinstance(extra, int) else (extra or [])), *end_of_turn_ids(tokenizer)]:
         if tok not in ids:
             ids.append(tok)
     return ids

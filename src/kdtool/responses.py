@@ -1,0 +1,104 @@
+"""Where a token-level objective's responses come from: the data's references, the student's own
+samples (on-policy distillation, GKD) or the teacher's samples (sequence-level KD), or a mix.
+
+``ResponseStream`` is the token step's micro-batch stream when responses are sampled. For each data
+batch it flips a seeded coin: with probability λ (``--on-policy-fraction``, GKD's lmbda) the student
+answers the batch's prompts; otherwise the batch keeps its references (``--responses reference``)
+or the teacher answers (``--responses teacher``). The objective then scores every position of the
+response through the chunked engine exactly as it scores references (the student's logits on the
+sampled tokens, the teacher's at the same positions); no gradient flows through the sampling.
+
+The coin is seeded from the run's seed alone, so every rank makes the same choice (a sharded model
+then runs the same forwards everywhere); its state and the data loader's are in ``state_dict``, and
+the sampling generator is the trainer's to snapshot, so a resumed run draws the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdtool.context import StepContext
+from kdtool.errors import UserError
+from kdtool.rollout import Buffer, collate, prompts_of
+from kdtool.sampling import left_pad, sample
+
+Batch = dict[str, Tensor]
+COIN_SEED = 104_729  # offsets the run's seed for the source coin (shared by all ranks)
+
+
+class ResponseStream:
+    """Micro-batches of prompts with references, the student's samples or the teacher's samples."""
+
+    def __init__(self, loader: Any, ctx: StepContext):
+        self.loader, self.ctx, self.settings = loader, ctx, ctx.settings
+        self.coin = torch.Generator().manual_seed(ctx.settings.seed + COIN_SEED)
+        self._batches: Iterator[Batch] | None = None
+
+    def __iter__(self) -> ResponseStream:
+        return self
+
+    def source(self) -> str:
+        """The next micro-batch's source: ``student``, else ``--responses`` (one coin flip)."""
+        share = self.settings.student_share
+        if share >= 1:
+            return "student"
+        on_policy = share > 0 and float(torch.rand((), generator=self.coin)) < share
+        return "student" if on_policy else self.settings.responses
+
+    def __next__(self) -> Batch:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batch = next(self._batches)
+        source = self.source()
+        if source == "reference":
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        return self.answered(batch, source)
+
+    def answered(self, batch: Batch, source: str) -> Batch:
+        """``batch``'s prompts with responses sampled from ``source`` (student or teacher), in the
+        trainer's layout: labels on the sampled tokens, up to and including the first stop token."""
+        ctx, s = self.ctx, self.settings
+        prompts = prompts_of(batch)
+        if any(len(p) == 0 for p in prompts):
+            raise UserError("sampled responses answer each example's prompt: every example needs a prompt")
+        ids, mask = left_pad(prompts, ctx.pad_id)
+        model, call = (
+            (ctx.student, ctx.student_call) if source == "student" else (ctx.teacher, ctx.teacher_call)
+        )
+        was_training = ctx.student.training
+        ctx.student.eval()
+        try:
+            with ctx.autocast():
+                rollout = sample(
+                    model,
+                    ids.to(ctx.device),
+                    mask.to(ctx.device),
+                    eos_token_id=ctx.tokenizer.eos_token_id,
+                    pad_token_id=ctx.pad_id,
+                    max_new_tokens=max(1, min(s.max_new_tokens, s.max_length - ids.shape[1])),
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    generator=ctx.generator,
+                    vocab_size=ctx.vocab_size,
+                    stop_token_ids=ctx.stop_token_ids,
+                    student_call=call,
+                    any_rank=ctx.rank_sync.any if ctx.rank_sync else None,
+                )
+        finally:
+            ctx.student.train(was_training)
+        buffer = Buffer()
+        buffer.add(rollout, {}, {})
+        out = collate(buffer, list(range(len(buffer))), ctx.pad_id)
+        return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "coin": self.coin.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.coin.set_state(state["coin"])
+        self._batches = None
