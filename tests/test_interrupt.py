@@ -1,4 +1,4 @@
-"""Ctrl-C in the middle of an optimizer step, for real: SIGINT arrives after k micro-batches of
+"""Ctrl-C in the middle of an optimizer step, for real (also with sampled responses): SIGINT arrives after k micro-batches of
 step 4 have been drawn, run forward and backward; the run saves the snapshot taken at step 4's
 start, and ``--resume`` replays step 4 from its first micro-batch, ending bit-identical to a run
 that was never interrupted (weights and every logged loss)."""
@@ -30,9 +30,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def token_cfg(tiny_dir, out):
+def token_cfg(tiny_dir, out, **overrides):
     flags = tiny_run_flags(
-        tiny_dir, out, max_steps=6, grad_accum=3, eval_every=3, save_every=2, eval_batches=1
+        tiny_dir, out, max_steps=6, grad_accum=3, eval_every=3, save_every=2, eval_batches=1, **overrides
     )
     return resolve(None, flags)
 
@@ -81,17 +81,22 @@ def assert_same_run(a, b):
     assert losses(a) == losses(b)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_token_objective_resumes_exactly_after_sigint_mid_step(tiny_dir, tmp_path, monkeypatch, k):
-    straight = trainer.train(token_cfg(tiny_dir, tmp_path / "straight"))
+ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6, max_length=80)  # half the micro-batches sampled
+
+
+@pytest.mark.parametrize(
+    ("k", "sampled"), [(1, {}), (2, {}), (1, ON_POLICY)], ids=["k=1", "k=2", "k=1-on-policy-mix"]
+)
+def test_token_objective_resumes_exactly_after_sigint_mid_step(tiny_dir, tmp_path, monkeypatch, k, sampled):
+    straight = trainer.train(token_cfg(tiny_dir, tmp_path / "straight", **sampled))
     seen = interrupt_after(monkeypatch, TokenStep, accum=3, k=k)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(token_cfg(tiny_dir, tmp_path / "cut"))
+        trainer.train(token_cfg(tiny_dir, tmp_path / "cut", **sampled))
     assert seen["calls"] == (STEP - 1) * 3 + k + 1  # it stopped inside step 4, after k micro-batches
     checkpoints = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert checkpoints[-1] == f"step-{STEP - 1:06d}"  # saved as of step 4's start
     monkeypatch.undo()
-    resumed = trainer.train(token_cfg(tiny_dir, tmp_path / "cut"), resume=True)
+    resumed = trainer.train(token_cfg(tiny_dir, tmp_path / "cut", **sampled), resume=True)
     assert_same_run(straight, resumed)
 
 

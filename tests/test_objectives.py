@@ -359,6 +359,7 @@ REFERENCES: dict[str, Reference] = {
 # Objectives whose loss is not a function of per-token logits, and the test file that covers them.
 COVERED_ELSEWHERE: dict[str, str] = {
     "minillm": "test_minillm_enumeration.py",  # on-policy: sampled gradient vs enumerated exact KL
+    "opd": "test_opd.py",  # on-policy: mean sampled gradient vs the enumerated per-position reverse KL
 }
 
 
