@@ -8,7 +8,8 @@ Two samplers in one loop:
 * **teacher-mixed** sampling (MiniLLM §2.2): y_t ~ p̃ = α·p(·|y_<t, x) + (1 − α)·q_θ(·|y_<t, x).
 
 Teacher and student step *together*, each with its own KV cache, through plain
-``model(input_ids, attention_mask=..., position_ids=..., past_key_values=..., use_cache=True)``
+``model(input_ids, attention_mask=..., position_ids=..., cache=..., use_cache=True)`` (``past_key_values``
+for transformers versions before the rename)
 calls, so any Hugging Face causal LM works without a fork of ``generate`` (the official
 MiniLLM code patches transformers for this).
 
@@ -135,6 +136,8 @@ class _Stepper:
         # Only the last position's logits are sampled from: without this the prefill makes
         # [B, P, V] logits (transformers >= 4.45; older or custom models compute them all).
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers ≥ 5.2x names the KV cache `cache` (in and out); earlier ones `past_key_values`
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def __call__(self, ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
         """Next-token logits ``[B, V]`` (fp32) after feeding ``ids`` ``[B, n]``."""
@@ -142,12 +145,12 @@ class _Stepper:
         out = self.call(
             input_ids=ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
-            past_key_values=self.cache,
+            **{self.cache_arg: self.cache},
             use_cache=True,
             **extra,
             **self.keep_last,
         )
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self.cache_arg)
         logits = out.logits[:, -1].float().to(self.out_device)
         return logits[:, : self.vocab_size] if self.vocab_size else logits
 
