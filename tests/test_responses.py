@@ -156,3 +156,26 @@ def test_student_share_defaults(tiny_dir):
     assert cfg.student_share == 0.5 and cfg.responses == "teacher"
     sft = resolve(None, flags(tiny_dir, objective="sft", responses="teacher"))  # seq-KD with plain CE
     assert sft.student_share == 0.0
+
+
+def test_prompt_only_data_trains_when_every_response_is_sampled(tiny_dir, tmp_path):
+    """Records without a response are accepted when no micro-batch reads the data's responses."""
+    import json
+
+    from kdtool import trainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.loads(x) for x in (tiny_dir / "data" / "train.jsonl").read_text().splitlines()][:16]
+    prompts.write_text(
+        "".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}) + "\n" for r in lines)
+    )
+    run = dict(
+        flags(tiny_dir, objective="rkl", data=str(prompts), eval_data=str(tiny_dir / "data" / "test.jsonl")),
+        output=str(tmp_path / "run"), batch_size=4, max_steps=2, max_new_tokens=4, max_length=80, progress=False,
+    )  # fmt: skip
+    for responses in ({"responses": "student"}, {"responses": "teacher", "objective": "sft"}):
+        out = trainer.train(resolve(None, run | responses), overwrite=True)
+        assert (out / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="missing field 'output'"):  # the references are read: refused
+        resolve_and_load = resolve(None, run | {"on_policy_fraction": 0.5})
+        trainer.train(resolve_and_load, overwrite=True)

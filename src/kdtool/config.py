@@ -154,6 +154,11 @@ class DistillConfig(DataConfig):
             return self.on_policy_fraction
         return 1.0 if self.responses == "student" else 0.0
 
+    @property
+    def all_responses_sampled(self) -> bool:
+        """No training micro-batch uses the data's responses (so records may be prompts only)."""
+        return self.student_share == 1 or self.responses == "teacher"
+
     def _check_responses(self, cls: Any) -> None:
         if self.responses == "reference" and self.student_share == 0:
             return

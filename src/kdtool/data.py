@@ -12,7 +12,6 @@ Files are JSONL (one object per line) or a JSON array.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,11 @@ def _extra(record: dict[str, Any], *keys: str) -> str:
 
 
 def _parse(
-    record: Any, template: Template, prompt_field: str | None, response_field: str | None
+    record: Any,
+    template: Template,
+    prompt_field: str | None,
+    response_field: str | None,
+    prompts_only: bool = False,
 ) -> list[Example]:
     if isinstance(record, Exception):
         raise record
@@ -89,12 +92,12 @@ def _parse(
             (k for k in ("output", "response", "completion") if k in record), "output"
         )
         for key in (p_key, r_key):
-            if key not in record:
+            if key not in record and not (key == r_key and prompts_only):
                 raise ValueError(f"missing field {key!r} (has: {field_names(record)})")
         prompt = _text(record, p_key)
         if p_key == "instruction":
             prompt = template.format(prompt, _extra(record, "input", "context"))
-        return [Example(prompt, _text(record, r_key))]
+        return [Example(prompt, _text(record, r_key) if r_key in record else "")]
     if chat.is_chat_record(record):
         messages = chat.parse_record(record)
         return [Example("", chat.reference(messages), messages=messages)]
@@ -112,18 +115,19 @@ def _parse(
     if "instruction" in record:
         extra = _extra(record, "input", "context")
         response_key = next((k for k in ("output", "response", "completion") if k in record), None)
-        if response_key is None:
+        if response_key is None and not prompts_only:
             raise ValueError("missing field 'output' (alpaca) or 'response' (dolly)")
         refs = record.get("references")
-        ex = Example(template.format(_text(record, "instruction"), extra), _text(record, response_key))
+        response = _text(record, response_key) if response_key else ""
+        ex = Example(template.format(_text(record, "instruction"), extra), response)
         if isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs):
             ex.references = list(refs)
         return [ex]
     if "prompt" in record:
         response_key = next((k for k in ("response", "completion", "output") if k in record), None)
-        if response_key is None:
+        if response_key is None and not prompts_only:
             raise ValueError("missing field 'response' or 'completion'")
-        return [Example(_text(record, "prompt"), _text(record, response_key))]
+        return [Example(_text(record, "prompt"), _text(record, response_key) if response_key else "")]
     raise ValueError(
         "unrecognised record: expected alpaca (instruction/output), dolly (instruction/response), "
         "prompt/response, self-instruct (instruction/instances) or chat (messages/conversations) fields; "
@@ -138,8 +142,10 @@ def load_examples(
     skip_bad_lines: bool = False,
     template: Template = DEFAULT_TEMPLATE,
     report: LoadReport | None = None,
+    prompts_only: bool = False,
 ) -> list[Example]:
-    """Load and template every example of a JSONL / JSON-array file.
+    """Load and template every example of a JSONL / JSON-array file (``prompts_only``: a record may
+    lack its response, for runs whose responses are all sampled).
 
     Raises:
         UserError: missing, unreadable or non-UTF-8 file, a broken JSON array, or a malformed
@@ -154,7 +160,7 @@ def load_examples(
     examples: list[Example] = []
     for where, record in json_records(path):
         try:
-            parsed = _parse(record, template, prompt_field, response_field)
+            parsed = _parse(record, template, prompt_field, response_field, prompts_only)
         except ValueError as exc:
             if not skip_bad_lines:
                 raise UserError(f"{where}: {exc} (use --skip-bad-lines to skip such lines)") from exc
@@ -169,10 +175,6 @@ def load_examples(
     for i, ex in enumerate(examples):
         ex.index = i
     return examples
-
-
-def file_fingerprint(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 @dataclass

@@ -8,6 +8,7 @@ file has lines.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,8 @@ def field_names(record: dict[Any, Any], limit: int = 8) -> str:
     names = [str(k)[:40] for k in list(record)[:limit]]
     more = len(record) - len(names)
     return ", ".join(names) + (f" and {more} more" if more > 0 else "") or "no fields"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """The first 16 hex digits of the file's SHA-256 (what a logit cache records of its data)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -49,7 +49,7 @@ def setup_data(
         template=cfg.prompt_template(),
         report=report,
     )
-    examples = load_examples(cfg.data, **kw)
+    examples = load_examples(cfg.data, **kw, prompts_only=cfg.all_responses_sampled)
     if cfg.eval_data:
         train, held = examples, load_examples(cfg.eval_data, **kw)
     else:

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from kdtool.data import file_fingerprint
 from kdtool.data_config import DataConfig
+from kdtool.files import file_fingerprint
 
 
 class CacheConfig(DataConfig):
