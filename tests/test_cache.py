@@ -326,3 +326,21 @@ def test_cache_logits_takes_the_data_side_fields_of_a_distill_config(tmp_path):
         "max_length": 128,
         "template_no_input": "Q: {instruction}\nA: ",
     }
+
+
+def test_a_cache_records_the_chat_template_a_run_must_share():
+    """Chat records are rendered with the tokenizer's chat template: a cache built with one template
+    does not match a run rendering with another (or with --template alpaca)."""
+    from kdtool.cache.config import describe_mismatch, identity
+    from kdtool.data_config import DataConfig
+    from kdtool.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    data = Path(__file__)  # any file: only its fingerprint is read
+    plain = identity(tok, DataConfig(data=str(data)))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = identity(tok, DataConfig(data=str(data)))
+    alpaca = identity(tok, DataConfig(data=str(data), template="alpaca"))
+    assert plain["chat_template_fingerprint"] is None and chat["chat_template_fingerprint"]
+    assert any("chat template" in m for m in describe_mismatch(plain, chat))
+    assert any("--template" in m for m in describe_mismatch(chat, alpaca))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,3 +180,40 @@ def test_prompt_only_data_trains_when_every_response_is_sampled(tiny_dir, tmp_pa
     with pytest.raises(UserError, match="missing field 'output'"):  # the references are read: refused
         resolve_and_load = resolve(None, run | {"on_policy_fraction": 0.5})
         trainer.train(resolve_and_load, overwrite=True)
+
+
+class ScriptLM(torch.nn.Module):
+    """A causal LM that emits a fixed script, one token per position after the prompt."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False
+    ):
+        seen = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], 1)
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -30.0)
+        logits[:, -1, self.script[seen.shape[1] - 1]] = 30.0  # the prompt is one token
+        return SimpleNamespace(logits=logits, past_key_values=seen)
+
+
+def test_sampling_stops_at_the_chat_templates_end_of_turn():
+    """A sampled answer ends at EOS or at the template's end-of-turn token (ChatML's <|im_end|>)."""
+    from kdtool.chat import end_of_turn_ids
+    from test_chat import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    (eot,) = end_of_turn_ids(tok)
+    assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
+    assert end_of_turn_ids(chatml_tokenizer(template=None)) == []
+    model = ScriptLM([2, eot, 2, 2, 2], vocab=eot + 1)  # says 2, then end of turn, then runs on
+    ids, mask = torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.long)
+    common = dict(
+        eos_token_id=0, pad_token_id=0, max_new_tokens=4, generator=torch.Generator().manual_seed(0)
+    )
+    stopped = sample(model, ids, mask, stop_token_ids=[eot], **common)
+    assert stopped.response_ids[0][stopped.response_mask[0]].tolist() == [2, eot]
+    running = sample(model, ids, mask, **common)
+    assert int(running.response_mask.sum()) == 4  # without it, the answer runs on

@@ -68,6 +68,14 @@ def token_hash(ids: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)
 
 
+def chat_template_fingerprint(tokenizer: Any) -> str | None:
+    """The first 16 hex digits of the SHA-256 of the tokenizer's chat template (``None``: none)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
+
+
 def identity(tokenizer: Any, data: DataConfig) -> dict[str, Any]:
     """The fields a cache and a training run must agree on (name -> value)."""
     return {
@@ -75,6 +83,8 @@ def identity(tokenizer: Any, data: DataConfig) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "data_fingerprint": file_fingerprint(data.data),
         "template_fingerprint": data.prompt_template().fingerprint(),
+        "template_choice": data.template,
+        "chat_template_fingerprint": chat_template_fingerprint(tokenizer),
         "max_length": data.max_length,
         "max_prompt_length": data.max_prompt_length,
         "prompt_field": data.prompt_field,
@@ -90,6 +100,8 @@ def describe_mismatch(cached: dict[str, Any], wanted: dict[str, Any]) -> list[st
         "vocab_size": "vocabulary size",
         "data_fingerprint": "data file contents",
         "template_fingerprint": "prompt template",
+        "template_choice": "--template",
+        "chat_template_fingerprint": "chat template",
     }
     return [
         f"{names.get(key, key)} (cache {cached.get(key)!r}, run {value!r})"
