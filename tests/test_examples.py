@@ -19,3 +19,12 @@ def test_example_config_validates(path):
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize(
+    "script", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.sh")), ids=lambda p: p.name
+)
+def test_example_scripts_parse(script):
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
