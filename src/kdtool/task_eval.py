@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kdtool.synthetic import is_correct, valid_answers
+from kdtool.targets import shifted_targets
 
 MAX_NEW_TOKENS = 16  # the longest answer is 5 characters; anything longer is wrong anyway
 
@@ -54,9 +55,8 @@ def answer_log_probs(
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits.float()  # [B, T, V]
-        labels = batch["labels"][:, 1:].to(device)  # the token each position predicts
+        labels, mask = shifted_targets(batch["labels"].to(device))  # the token each position predicts
         log_q = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = labels != -100
         picked = log_q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out.extend((picked * mask).sum(-1).tolist())
     return out

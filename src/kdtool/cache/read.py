@@ -13,9 +13,9 @@ from torch import Tensor
 from kdtool.cache.codec import VALUE_DTYPES, decode_rows, indices_to
 from kdtool.cache.config import describe_mismatch, identity, token_hash
 from kdtool.cache.manifest import FORMAT, MANIFEST, read_manifest
-from kdtool.data import IGNORE_INDEX
 from kdtool.data_config import DataConfig
 from kdtool.errors import UserError
+from kdtool.targets import shifted_targets
 from kdtool.teacher import TeacherSignal
 
 
@@ -124,8 +124,8 @@ class TeacherCache:
         """
         device = batch["labels"].device
         # One device-to-host copy per tensor for the whole batch, not one sync per row.
-        labels, ids = batch["labels"][:, 1:].cpu(), batch["input_ids"].cpu()
-        n_rows = (labels != IGNORE_INDEX).sum(1).tolist()
+        ids = batch["input_ids"].cpu()
+        n_rows = shifted_targets(batch["labels"])[1].sum(1).tolist()
         lengths = batch["attention_mask"].sum(1).tolist()
         parts = []
         for row, example in enumerate(batch["index"].tolist()):

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from kdtool.cache.codec import encode_rows
 from kdtool.cache.config import CacheConfig, token_hash
-from kdtool.data import IGNORE_INDEX, Encoded, collate
+from kdtool.data import Encoded, collate
 from kdtool.sparse import top_k_logits
+from kdtool.targets import shifted_targets
 
 HEAD_ROWS = 1024  # teacher logits are built this many rows at a time ([rows, V] fp32 at most)
 
@@ -28,7 +29,7 @@ def teacher_top_k(
     """
     from kdtool.heads import hidden_states
 
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [B, T-1]
+    _, mask = shifted_targets(batch["labels"])  # [B, T-1]
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]  # [N, H]
     parts = [top_k_logits(head(rows)[..., :vocab].float(), k) for rows in hidden.split(HEAD_ROWS)]
     if not parts:
@@ -57,7 +58,7 @@ def encode_shard(
         chosen = order[start : start + cfg.batch_size]
         batch = {k_: v.to(device) for k_, v in collate([items[i] for i in chosen], pad_id).items()}
         stored = encode_rows(*teacher_top_k(model, head, batch, vocab, k), cfg.value_dtype, vocab)
-        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        counts = shifted_targets(batch["labels"])[1].sum(1).tolist()
         bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
         for j, i in enumerate(chosen):
             per_example[i] = {name: t[bounds[j] : bounds[j + 1]].cpu() for name, t in stored.items()}

@@ -210,7 +210,9 @@ def load_for_eval(
     model_dir: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory (or hub id), with one-line errors."""
-    from kdtool.models import load_model, load_tokenizer, resolve_device
+    import torch
+
+    from kdtool.models import compute_dtype, load_model, load_tokenizer, resolve_device
 
     local = Path(model_dir)
     if (local.exists() or model_dir.startswith((".", "/"))) and not local.is_dir():
@@ -222,8 +224,8 @@ def load_for_eval(
             f"{model_dir} is not a Hugging Face model directory (no config.json) nor a LoRA run (no adapter_config.json)"
         )
     dev = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype == "auto":  # the training rule: bf16 on CUDA, fp32 elsewhere
+        dtype = compute_dtype("auto", dev) or torch.float32
     # raises UserError when not a causal LM, or when it needs its own code and is not trusted
     model = load_model(model_dir, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, load_tokenizer(model_dir, trust_remote_code)
