@@ -139,18 +139,19 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tiny_d
 
     from rich.console import Console
 
+    from kdtool import held_out
     from kdtool.errors import UserError
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed")
 
-    real_evaluate = trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", killed)
+    real_evaluate = held_out.evaluate
+    monkeypatch.setattr(held_out, "evaluate", killed)
     with pytest.raises(RuntimeError, match="killed"):
         trainer.train(cfg_for(tiny_dir, tmp_path / "run"))
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert not list((tmp_path / "run").glob("checkpoints/step-*"))
-    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(held_out, "evaluate", real_evaluate)
     with pytest.raises(UserError, match="different lr"):  # another run's config is still refused
         trainer.train(cfg_for(tiny_dir, tmp_path / "run", lr=1e-3), resume=True)
     notes = StringIO()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from functools import partial
 from typing import Any
@@ -10,12 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdtool import distributed
 from kdtool.config import DistillConfig
 from kdtool.context import StepContext
 from kdtool.data import BatchLoader, TokenizedDataset
+from kdtool.distributed import DistInfo
 from kdtool.objective import Objective
 from kdtool.registry import get_objective
+from kdtool.run_dir import Run
 from kdtool.steps import eval_micro_batch
+from kdtool.trackers import Trackers
+from kdtool.train_state import TrainState
 
 
 def eval_probes(ctx: StepContext, objective: Objective[Any], cfg: DistillConfig) -> dict[str, Objective[Any]]:
@@ -68,3 +74,28 @@ def evaluate(
 def held_out_batches(cfg: DistillConfig, dataset: TokenizedDataset | None) -> int:
     """Batches of ``--batch-size`` in the held-out set (0 without one)."""
     return math.ceil(len(dataset) / cfg.batch_size) if dataset else 0
+
+
+class HeldOut:
+    """The run's periodic evaluation: ``log`` evaluates, writes the record (rank 0) and adds the time
+    it took to ``state.eval_time``.
+
+    ``forward``: the (sharded) step module when evaluation is a collective (every rank takes part
+    and rank 0 logs); ``None`` when only rank 0 evaluates, with the other ranks at the barrier.
+    """
+
+    def __init__(self, ctx: StepContext, objective: Objective[Any], dataset: TokenizedDataset | None,
+                 cfg: DistillConfig, forward: nn.Module | None, batches: int, info: DistInfo):  # fmt: skip
+        self.ctx, self.objective, self.dataset, self.cfg = ctx, objective, dataset, cfg
+        self.forward, self.batches, self.info = forward, batches, info
+
+    def log(self, run: Run, trackers: Trackers, state: TrainState, started: float) -> None:
+        began = time.perf_counter()
+        main = self.info.is_main
+        if self.forward is not None or main:
+            metrics = evaluate(self.ctx, self.objective, self.dataset, self.cfg, self.forward, self.batches)
+        if main:
+            run.log({"step": state.step, **metrics}, trackers)
+        distributed.barrier(self.info)
+        state.eval_time += time.perf_counter() - began
+        state.elapsed = time.perf_counter() - started

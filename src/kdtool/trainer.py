@@ -28,7 +28,7 @@ from kdtool.context import StepContext
 from kdtool.data import BatchLoader
 from kdtool.distributed import DistInfo
 from kdtool.errors import UserError
-from kdtool.held_out import evaluate, held_out_batches
+from kdtool.held_out import HeldOut, held_out_batches
 from kdtool.models import load_tokenizer
 from kdtool.progress import TrainProgress
 from kdtool.registry import get_objective
@@ -216,9 +216,9 @@ def _train(
     step_module = wrap_for_ranks(StepModule(student, step, ctx), info, device, cfg.fsdp)
     sharded = distributed.is_sharded(step_module)
     attach_sharding(ctx, step_module, models, info, device)
-    # With anything sharded, evaluation is a collective: every rank runs it, rank 0 logs.
-    eval_everywhere = sharded or ctx.teacher_sharded
-    eval_module = getattr(step_module, "module", step_module)  # DDP's inner module: no sync in eval
+    # With anything sharded, evaluation is a collective: every rank runs it through the (inner, for DDP:
+    # no sync in eval) step module, rank 0 logs; otherwise rank 0 alone evaluates the plain student.
+    eval_forward = getattr(step_module, "module", step_module) if sharded or ctx.teacher_sharded else None
     optimizer, scheduler = setup_optimizer(cfg, student, steps)
     micro_batches = step.stream(loader, ctx)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -246,18 +246,7 @@ def _train(
     eval_every, eval_batches = cfg.eval_schedule(steps, held_out_batches(cfg, eval_ds))
     save_every = cfg.save_every or max(1, steps // 5)
     started = time.perf_counter() - state.elapsed  # `elapsed` (and `eval_time`) carry over a resume
-
-    def evaluate_and_log() -> None:
-        began = time.perf_counter()
-        if eval_everywhere:  # every rank takes part in the sharded forwards; rank 0 logs
-            metrics = evaluate(ctx, objective, eval_ds, cfg, eval_module, eval_batches)
-        else:  # no collectives inside: the other ranks wait at the barrier
-            metrics = evaluate(ctx, objective, eval_ds, cfg, max_batches=eval_batches) if main else {}
-        if main:
-            run.log({"step": state.step, **metrics}, trackers)
-        distributed.barrier(info)
-        state.eval_time += time.perf_counter() - began
-        state.elapsed = time.perf_counter() - started
+    evaluator = HeldOut(ctx, objective, eval_ds, cfg, eval_forward, eval_batches, info)
 
     # Taken at each step's start: an interrupted step is replayed exactly on resume.
     snapshot = Snapshot.take(micro_batches, ctx.generator)
@@ -265,7 +254,7 @@ def _train(
     progress = TrainProgress(total=steps, enabled=cfg.progress and main, console=console, done=state.step)
     try:
         if not resuming:
-            evaluate_and_log()
+            evaluator.log(run, trackers, state, started)
         with progress:
             while state.step < steps:
                 loss, tokens, metrics = train_step(step_module, micro_batches, optimizer, cfg, ctx, info)
@@ -285,7 +274,7 @@ def _train(
                     run.log(train_record(state, scheduler, window), trackers)
                     window.clear()
                 if state.step % eval_every == 0 or state.step == steps:
-                    evaluate_and_log()
+                    evaluator.log(run, trackers, state, started)
                 if state.step % save_every == 0 and state.step < steps:
                     checkpoints.save(state, snapshot)
     except KeyboardInterrupt:
