@@ -48,13 +48,7 @@ def peaky_model(tokenizer, seed: int = 0, n_positions: int = 128):
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: extra intra-op threads only add contention (10x here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest, and exact
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from kdtool.steps import TokenStep
 STEP = 4  # the step the signal interrupts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest, and exact
 
 
 def token_cfg(tiny_dir, out, **overrides):

@@ -15,18 +15,13 @@ from kdtool.context import StepContext
 from kdtool.onpolicy import RolloutStep
 from kdtool.registry import available
 from kdtool.rollout import collate, collect
-from toy_lm import EOS, TableLM, all_responses
+from toy_lm import EOS, TableLM, all_responses, response_batch
 
 V, PROMPT, MAX_NEW = 4, [1], 3
 K, B, Z = 25, 300, 5.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest, and exact
 
 
 def models():
@@ -79,14 +74,7 @@ def test_registered_and_equal_to_its_minillm_option_set():
 def exact_per_position_kl_gradient(student, teacher) -> torch.Tensor:
     """∇_θ E_{y∼q}[Σ_t KL(q_θ(·|y_<t) ‖ p(·|y_<t))] with the prefixes' probabilities held fixed,
     by enumerating every complete response."""
-    responses = all_responses(V, MAX_NEW)
-    width = max(len(r) for r in responses)
-    ids = torch.full((len(responses), len(PROMPT) + width), EOS, dtype=torch.long)
-    mask = torch.zeros(len(responses), width)
-    for i, r in enumerate(responses):
-        ids[i, : len(PROMPT)] = torch.tensor(PROMPT)
-        ids[i, len(PROMPT) : len(PROMPT) + len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = response_batch(PROMPT, all_responses(V, MAX_NEW))
     at = slice(len(PROMPT) - 1, -1)  # the positions that predict each response token
     log_q = torch.log_softmax(student(ids).logits[:, at], -1)  # [S, T, V]
     log_p = torch.log_softmax(teacher(ids).logits[:, at], -1)

@@ -20,13 +20,7 @@ from kdtool.rollout import prompts_of
 from kdtool.sampling import left_pad, sample
 from kdtool.steps import TokenStep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest, and exact
 
 
 def make_ctx(tiny_dir, **settings) -> tuple[StepContext, BatchLoader]:

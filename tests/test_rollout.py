@@ -17,13 +17,7 @@ from toy_lm import EOS, TableLM, all_responses, sequence_logprobs
 V, T = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: thread hand-offs on a shared 2-core machine cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest, and exact
 
 
 def gpt2(seed: int, vocab: int = 11) -> GPT2LMHeadModel:

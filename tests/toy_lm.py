@@ -86,8 +86,8 @@ def all_responses(vocab: int, max_new: int) -> list[tuple[int, ...]]:
     return out
 
 
-def sequence_logprobs(model: nn.Module, prompt: list[int], responses: list[tuple[int, ...]]) -> Tensor:
-    """``[S]`` log model(y | prompt) for each response (differentiable)."""
+def response_batch(prompt: list[int], responses: list[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+    """``ids [S, P + T]`` (prompt, then each response, EOS-padded) and the response mask ``[S, T]``."""
     width = max(len(r) for r in responses)
     ids = torch.full((len(responses), len(prompt) + width), EOS, dtype=torch.long)
     mask = torch.zeros(len(responses), width)
@@ -95,6 +95,12 @@ def sequence_logprobs(model: nn.Module, prompt: list[int], responses: list[tuple
         ids[i, : len(prompt)] = torch.tensor(prompt)
         ids[i, len(prompt) : len(prompt) + len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def sequence_logprobs(model: nn.Module, prompt: list[int], responses: list[tuple[int, ...]]) -> Tensor:
+    """``[S]`` log model(y | prompt) for each response (differentiable)."""
+    ids, mask = response_batch(prompt, responses)
     logits = model(ids).logits[:, len(prompt) - 1 : -1]  # predicts each response token
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompt) :, None]).squeeze(-1)
     return (lp * mask).sum(1)

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from kdtool.context import StepContext
 from kdtool.errors import UserError
-from kdtool.rollout import Buffer, collate, prompts_of
-from kdtool.sampling import left_pad, sample
+from kdtool.rollout import Buffer, answer, collate, prompts_of
+from kdtool.rollout_spec import RolloutSettings
 
 Batch = dict[str, Tensor]
 COIN_SEED = 104_729  # offsets the run's seed for the source coin (shared by all ranks)
@@ -65,29 +65,16 @@ class ResponseStream:
         prompts = prompts_of(batch)
         if any(len(p) == 0 for p in prompts):
             raise UserError("sampled responses answer each example's prompt: every example needs a prompt")
-        ids, mask = left_pad(prompts, ctx.pad_id)
         model, call = (
             (ctx.student, ctx.student_call) if source == "student" else (ctx.teacher, ctx.teacher_call)
+        )
+        settings = RolloutSettings(
+            s.max_new_tokens, len(prompts), len(prompts), temperature=s.temperature, top_p=s.top_p
         )
         was_training = ctx.student.training
         ctx.student.eval()
         try:
-            with ctx.autocast():
-                rollout = sample(
-                    model,
-                    ids.to(ctx.device),
-                    mask.to(ctx.device),
-                    eos_token_id=ctx.tokenizer.eos_token_id,
-                    pad_token_id=ctx.pad_id,
-                    max_new_tokens=max(1, min(s.max_new_tokens, s.max_length - ids.shape[1])),
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    generator=ctx.generator,
-                    vocab_size=ctx.vocab_size,
-                    stop_token_ids=ctx.stop_token_ids,
-                    student_call=call,
-                    any_rank=ctx.rank_sync.any if ctx.rank_sync else None,
-                )
+            rollout = answer(ctx, prompts, settings, model, call)
         finally:
             ctx.student.train(was_training)
         buffer = Buffer()

@@ -123,6 +123,40 @@ def schedule(n: int, batch_size: int, epochs: int, shuffle: torch.Generator) -> 
     return out
 
 
+def answer(
+    ctx: StepContext,
+    prompts: list[Tensor],
+    settings: RolloutSettings,
+    model: Any,
+    call: Any | None = None,
+    teacher: Any | None = None,
+) -> Rollout:
+    """``model``'s sampled answers to ``prompts`` (no grad; ``teacher``: also score them, and mix it
+    into the proposal by ``settings.alpha``), within ``max_length``, stopping at EOS or the chat
+    template's end of turn. ``call`` runs ``model`` under FSDP2; ranks agree on the loop bounds."""
+    ids, mask = left_pad(prompts, ctx.pad_id)
+    with ctx.autocast():
+        return sample(
+            model,
+            ids.to(ctx.device),
+            mask.to(ctx.device),
+            eos_token_id=ctx.tokenizer.eos_token_id,
+            pad_token_id=ctx.pad_id,
+            max_new_tokens=max(1, min(settings.max_new_tokens, ctx.settings.max_length - ids.shape[1])),
+            teacher=teacher,
+            alpha=settings.alpha,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            generator=ctx.generator,
+            vocab_size=ctx.vocab_size,
+            any_rank=ctx.rank_sync.any if ctx.rank_sync else None,
+            stop_token_ids=ctx.stop_token_ids,
+            student_call=call,
+            teacher_call=ctx.teacher_call if teacher is not None else None,
+        )
+
+
 def collect(
     prompt_batches: Iterator[Batch], ctx: StepContext, settings: RolloutSettings, tensors: RolloutTensors
 ) -> Buffer:
@@ -144,28 +178,7 @@ def collect(
                 raise UserError(
                     "on-policy training samples a response to each prompt: every example needs a prompt"
                 )
-            ids, mask = left_pad(prompts, ctx.pad_id)
-            limit = max(1, min(settings.max_new_tokens, ctx.settings.max_length - ids.shape[1]))
-            with ctx.autocast():
-                rollout = sample(
-                    ctx.student,
-                    ids.to(ctx.device),
-                    mask.to(ctx.device),
-                    eos_token_id=ctx.tokenizer.eos_token_id,
-                    pad_token_id=ctx.pad_id,
-                    max_new_tokens=limit,
-                    teacher=ctx.teacher,
-                    alpha=settings.alpha,
-                    temperature=settings.temperature,
-                    top_k=settings.top_k,
-                    top_p=settings.top_p,
-                    generator=ctx.generator,
-                    vocab_size=ctx.vocab_size,
-                    any_rank=sync.any if sync else None,
-                    stop_token_ids=ctx.stop_token_ids,
-                    student_call=ctx.student_call,
-                    teacher_call=ctx.teacher_call,
-                )
+            rollout = answer(ctx, prompts, settings, ctx.student, ctx.student_call, ctx.teacher)
             buffer.add(rollout, *tensors(rollout))
     finally:
         ctx.student.train(was_training)
