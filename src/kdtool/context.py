@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,19 +36,8 @@ class RunSettings:
 
     @classmethod
     def of(cls, config: Any) -> RunSettings:
-        """The fields of a ``DistillConfig``."""
-        return cls(
-            seed=config.seed,
-            batch_size=config.batch_size,
-            grad_accum=config.grad_accum,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            responses=config.responses,
-            student_share=config.student_share,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-        )
+        """The same-named fields of a ``DistillConfig``."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
     @property
     def samples_responses(self) -> bool:
