@@ -206,18 +206,31 @@ def test_ranks_hold_prompts_of_different_lengths(tiny_dir, minillm_conf):
     assert limits[0] != limits[1]
 
 
+ON_POLICY = ["--objective", "fkl", "--on-policy-fraction", "0.5", "--max-new-tokens", "16"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--fsdp"], ["--fsdp-teacher"], ["--fsdp", "--fsdp-teacher"]])
-def test_minillm_sharded_equals_ddp_and_resumes(tiny_dir, tmp_path, minillm_conf, flags):
+@pytest.mark.parametrize(
+    ("objective", "flags"),
+    [
+        (MINILLM, ["--fsdp"]),
+        (MINILLM, ["--fsdp-teacher"]),
+        (MINILLM, ["--fsdp", "--fsdp-teacher"]),
+        (ON_POLICY, ["--fsdp", "--fsdp-teacher"]),
+    ],
+    ids=["minillm-fsdp", "minillm-fsdp-teacher", "minillm-both", "on-policy-mix-both"],
+)
+def test_minillm_sharded_equals_ddp_and_resumes(tiny_dir, tmp_path, minillm_conf, objective, flags):
     """minillm with a sharded student and/or teacher over 3 rollout buffers, stopped after 3 steps
     (mid-buffer) and resumed to 6, ends with the weights of an uninterrupted 6-step DDP run.
 
     Each rank samples from its own generator (seed + rank), so a 2-rank minillm run is not a
     1-rank run with twice the batch; but DDP and FSDP sample the same tokens (idle passes draw no
-    random numbers) and an interrupted run replays its buffer exactly.
+    random numbers) and an interrupted run replays its buffer exactly. The same holds for fkl on a
+    λ = 0.5 mix of sampled and reference responses (the coin is shared by the ranks).
     """
     reference = tmp_path / "ddp"
-    args = [*common(tiny_dir, minillm_conf), *MINILLM]
+    args = [*common(tiny_dir, minillm_conf), *objective]
     done = torchrun(*args, "--output", str(reference), "--max-steps", "6")
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "sharded"
