@@ -211,3 +211,34 @@ def test_sampling_stops_at_the_chat_templates_end_of_turn():
     assert stopped.response_ids[0][stopped.response_mask[0]].tolist() == [2, eot]
     running = sample(model, ids, mask, **common)
     assert int(running.response_mask.sum()) == 4  # without it, the answer runs on
+
+
+def test_generate_keeps_the_teachers_answers_as_training_data(tiny_dir, tmp_path, cli):
+    """`kdtool generate` (offline sequence-level KD): one answer per prompt, written as records that
+    `kdtool distill --data` reads back with the same prompts; greedy answers are the model's own."""
+    import json
+
+    from kdtool.data import load_examples
+    from kdtool.evaluation.generate import Sampling, generate
+    from kdtool.evaluation.rougel import encode_eval_prompts, load_for_eval
+
+    data = tmp_path / "prompts.jsonl"
+    rows = [json.loads(x) for x in (tiny_dir / "data" / "test.jsonl").read_text().splitlines()][:5]
+    data.write_text(
+        "".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}) + "\n" for r in rows)
+    )
+    out = tmp_path / "teacher.jsonl"
+    teacher = str(tiny_dir / "teacher")
+    code, text = cli(
+        "generate", "--model", teacher, "--data", data, "--output", out, "--greedy", "--max-new-tokens", "6"
+    )
+    assert code == 0 and "wrote 5 answers" in text
+    written = load_examples(out)
+    prompts = load_examples(data, prompts_only=True)
+    assert [e.prompt for e in written] == [e.prompt for e in prompts]
+    model, tok = load_for_eval(teacher, "cpu")
+    _, ids, _ = encode_eval_prompts(prompts, tok, None, None)
+    want = generate(model, tok, ids, Sampling(greedy=True, max_new_tokens=6), None).predictions
+    assert [e.response for e in written] == want
+    code, text = cli("generate", "--model", teacher, "--data", data, "--output", out)
+    assert code == 1 and "already exists" in text

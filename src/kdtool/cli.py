@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdtool.errors import UserError
-from kdtool.options import REMOTE_CODE_ENV, TrustRemoteCode, parse_ints
+from kdtool.options import REMOTE_CODE_ENV, ChatTemplateChoice, TrustRemoteCode, parse_ints
 
 app = typer.Typer(
     add_completion=False,
@@ -158,6 +158,35 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
             raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+@app.command()
+def generate(
+    model: Annotated[str, Opt(help="The model that answers (the teacher): local directory or hub id.")],
+    data: Annotated[str, Opt(help="Prompts: any training data format (responses, if any, are ignored).")],
+    output: Annotated[str, Opt(help="JSONL to write: the prompts with the model's answers.")],
+    max_new_tokens: Annotated[int, Opt(help="Max tokens per answer.")] = 256,
+    temperature: Annotated[float, Opt(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, Opt(help="Nucleus sampling (1 = off).")] = 1.0,
+    greedy: Annotated[bool, Opt("--greedy", help="Greedy decoding instead of sampling.")] = False,
+    seed: Annotated[int, Opt(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, Opt(help="Prompts per generation batch.")] = 16,
+    template: ChatTemplateChoice = None,
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trust_remote_code: TrustRemoteCode = None,
+) -> None:
+    """Answer every prompt once with MODEL and keep the answers as training data (offline
+    sequence-level KD: `kdtool distill --data OUTPUT` then trains on the teacher's answers)."""
+    from kdtool.evaluation.generate import Sampling
+
+    sampling = Sampling(greedy, temperature, top_p, 0, max_new_tokens)
+    with err_console.status("importing torch and transformers"):
+        from kdtool.seqkd import write_teacher_responses
+
+    n = write_teacher_responses(
+        model, data, output, sampling, seed, batch_size, template, device, bool(trust_remote_code)
+    )
+    console.print(f"wrote {n} answers of {model} to {output}", soft_wrap=True, highlight=False)
 
 
 @app.command()
