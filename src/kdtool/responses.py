@@ -15,31 +15,25 @@ the sampling generator is the trainer's to snapshot, so a resumed run draws the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from kdtool.context import StepContext
-from kdtool.errors import UserError
 from kdtool.rollout import Buffer, answer, collate, prompts_of
 from kdtool.rollout_spec import RolloutSettings
+from kdtool.streams import Batch, LoaderStream
 
-Batch = dict[str, Tensor]
 COIN_SEED = 104_729  # offsets the run's seed for the source coin (shared by all ranks)
 
 
-class ResponseStream:
+class ResponseStream(LoaderStream):
     """Micro-batches of prompts with references, the student's samples or the teacher's samples."""
 
     def __init__(self, loader: Any, ctx: StepContext):
-        self.loader, self.ctx, self.settings = loader, ctx, ctx.settings
+        super().__init__(loader)
+        self.ctx, self.settings = ctx, ctx.settings
         self.coin = torch.Generator().manual_seed(ctx.settings.seed + COIN_SEED)
-        self._batches: Iterator[Batch] | None = None
-
-    def __iter__(self) -> ResponseStream:
-        return self
 
     def source(self) -> str:
         """The next micro-batch's source: ``student``, else ``--responses`` (one coin flip)."""
@@ -50,9 +44,7 @@ class ResponseStream:
         return "student" if on_policy else self.settings.responses
 
     def __next__(self) -> Batch:
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        batch = next(self._batches)
+        batch = super().__next__()
         source = self.source()
         if source == "reference":
             return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
@@ -63,29 +55,20 @@ class ResponseStream:
         trainer's layout: labels on the sampled tokens, up to and including the first stop token."""
         ctx, s = self.ctx, self.settings
         prompts = prompts_of(batch)
-        if any(len(p) == 0 for p in prompts):
-            raise UserError("sampled responses answer each example's prompt: every example needs a prompt")
         model, call = (
             (ctx.student, ctx.student_call) if source == "student" else (ctx.teacher, ctx.teacher_call)
         )
         settings = RolloutSettings(
             s.max_new_tokens, len(prompts), len(prompts), temperature=s.temperature, top_p=s.top_p
         )
-        was_training = ctx.student.training
-        ctx.student.eval()
-        try:
-            rollout = answer(ctx, prompts, settings, model, call)
-        finally:
-            ctx.student.train(was_training)
         buffer = Buffer()
-        buffer.add(rollout, {}, {})
+        buffer.add(answer(ctx, prompts, settings, model, call), {}, {})
         out = collate(buffer, list(range(len(buffer))), ctx.pad_id)
         return {k: out[k] for k in ("input_ids", "attention_mask", "labels")}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "coin": self.coin.get_state()}
+        return {**super().state_dict(), "coin": self.coin.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
+        super().load_state_dict(state)
         self.coin.set_state(state["coin"])
-        self._batches = None

@@ -131,30 +131,42 @@ def answer(
     call: Any | None = None,
     teacher: Any | None = None,
 ) -> Rollout:
-    """``model``'s sampled answers to ``prompts`` (no grad; ``teacher``: also score them, and mix it
-    into the proposal by ``settings.alpha``), within ``max_length``, stopping at EOS or the chat
-    template's end of turn. ``call`` runs ``model`` under FSDP2; ranks agree on the loop bounds."""
+    """``model``'s sampled answers to ``prompts`` (no grad, the student in eval mode meanwhile;
+    ``teacher``: also score them, and mix it into the proposal by ``settings.alpha``), within
+    ``max_length``, stopping at EOS or the chat template's end of turn. ``call`` runs ``model`` under
+    FSDP2; ranks agree on the loop bounds.
+
+    Raises:
+        UserError: an example without a prompt (there is nothing to answer).
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a response is sampled for each example's prompt: every example needs a prompt")
     ids, mask = left_pad(prompts, ctx.pad_id)
-    with ctx.autocast():
-        return sample(
-            model,
-            ids.to(ctx.device),
-            mask.to(ctx.device),
-            eos_token_id=ctx.tokenizer.eos_token_id,
-            pad_token_id=ctx.pad_id,
-            max_new_tokens=max(1, min(settings.max_new_tokens, ctx.settings.max_length - ids.shape[1])),
-            teacher=teacher,
-            alpha=settings.alpha,
-            temperature=settings.temperature,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            generator=ctx.generator,
-            vocab_size=ctx.vocab_size,
-            any_rank=ctx.rank_sync.any if ctx.rank_sync else None,
-            stop_token_ids=ctx.stop_token_ids,
-            student_call=call,
-            teacher_call=ctx.teacher_call if teacher is not None else None,
-        )
+    was_training = ctx.student.training
+    ctx.student.eval()
+    try:
+        with ctx.autocast():
+            return sample(
+                model,
+                ids.to(ctx.device),
+                mask.to(ctx.device),
+                eos_token_id=ctx.tokenizer.eos_token_id,
+                pad_token_id=ctx.pad_id,
+                max_new_tokens=max(1, min(settings.max_new_tokens, ctx.settings.max_length - ids.shape[1])),
+                teacher=teacher,
+                alpha=settings.alpha,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                generator=ctx.generator,
+                vocab_size=ctx.vocab_size,
+                any_rank=ctx.rank_sync.any if ctx.rank_sync else None,
+                stop_token_ids=ctx.stop_token_ids,
+                student_call=call,
+                teacher_call=ctx.teacher_call if teacher is not None else None,
+            )
+    finally:
+        ctx.student.train(was_training)
 
 
 def collect(
@@ -168,20 +180,11 @@ def collect(
     """
     sync = ctx.rank_sync
     want = settings.rollout_batch_size
-    was_training = ctx.student.training
-    ctx.student.eval()
     buffer = Buffer()
-    try:
-        while sync.any(len(buffer) < want) if sync else len(buffer) < want:
-            prompts = prompts_of(next(prompt_batches))
-            if any(len(p) == 0 for p in prompts):
-                raise UserError(
-                    "on-policy training samples a response to each prompt: every example needs a prompt"
-                )
-            rollout = answer(ctx, prompts, settings, ctx.student, ctx.student_call, ctx.teacher)
-            buffer.add(rollout, *tensors(rollout))
-    finally:
-        ctx.student.train(was_training)
+    while sync.any(len(buffer) < want) if sync else len(buffer) < want:
+        prompts = prompts_of(next(prompt_batches))
+        rollout = answer(ctx, prompts, settings, ctx.student, ctx.student_call, ctx.teacher)
+        buffer.add(rollout, *tensors(rollout))
     if sync:  # a short last data batch can leave ranks with more rollouts: equal plans
         buffer.truncate(sync.min(len(buffer)))
     return buffer

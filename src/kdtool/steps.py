@@ -9,7 +9,6 @@ from the student's samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -19,22 +18,10 @@ from kdtool.context import StepContext
 from kdtool.engine import token_loss_sum, token_loss_sums
 from kdtool.heads import hidden_states, output_head
 from kdtool.objective import Metrics, Objective
+from kdtool.responses import ResponseStream
+from kdtool.streams import Batch, LoaderStream, MicroBatchStream
 from kdtool.targets import shifted_targets
 from kdtool.teacher import NoSignal, TeacherSignal
-
-Batch = dict[str, Tensor]
-
-
-class MicroBatchStream(Protocol):
-    """An endless iterator of micro-batches whose position can be saved and restored exactly.
-
-    The trainer snapshots ``state_dict()`` at the start of every optimizer step, with every RNG.
-    """
-
-    def __iter__(self) -> Iterator[Batch]: ...
-    def __next__(self) -> Batch: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Step(Protocol):
@@ -42,29 +29,6 @@ class Step(Protocol):
 
     def stream(self, loader: Any, ctx: StepContext) -> MicroBatchStream: ...
     def loss(self, ctx: StepContext, batch: Batch) -> tuple[Tensor, Tensor, Metrics]: ...
-
-
-class LoaderStream:
-    """The data loader's batches as they are, epoch after epoch (``BatchLoader`` restarts itself)."""
-
-    def __init__(self, loader: Any):
-        self.loader = loader
-        self._batches: Iterator[Batch] | None = None
-
-    def __iter__(self) -> LoaderStream:
-        return self
-
-    def __next__(self) -> Batch:
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        return next(self._batches)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self._batches = None
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -122,8 +86,6 @@ class TokenStep:
     def stream(self, loader: Any, ctx: StepContext) -> MicroBatchStream:
         """The data's batches as they are, or with sampled responses (``kdtool.responses``)."""
         if ctx.settings.samples_responses:
-            from kdtool.responses import ResponseStream
-
             return ResponseStream(loader, ctx)
         return LoaderStream(loader)
 
