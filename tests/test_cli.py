@@ -68,7 +68,6 @@ def test_malformed_line_reports_file_and_line(tiny_dir, tmp_path):
 
 
 def test_cuda_requested_but_absent(tiny_dir, tmp_path):
-    pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from kdtool.policy_gradient import masked_whiten, policy_loss, prefix_weights, r
 from kdtool.registry import available, get_objective
 from kdtool.rollout import Buffer, collate, collect
 from kdtool.sampling import sample
-from toy_lm import EOS, TableLM
+from toy_lm import EOS, TableLM, toy_context
+from toy_lm import prompt_batch as toy_prompts
 
 V, T = 4, 3
 
@@ -105,15 +105,7 @@ def test_policy_loss_gradient_and_clipping():
 def toy_ctx(seed: int = 0) -> StepContext:
     student, teacher = TableLM(V, 1 + T, seed=1), TableLM(V, 1 + T, seed=2)
     teacher.requires_grad_(False)
-    return StepContext(
-        student=student,
-        teacher=teacher,
-        teacher_cache=None,
-        tokenizer=SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS),
-        vocab_size=V,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return toy_context(student, teacher, seed)
 
 
 def buffer_of(objective: MiniLLM, rollout) -> Buffer:
@@ -132,8 +124,7 @@ def collected(objective: MiniLLM, prompts, ctx: StepContext) -> Buffer:
 
 
 def prompt_batch(n: int) -> dict[str, torch.Tensor]:
-    ids = torch.ones(n, 1, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    return toy_prompts([1], n)
 
 
 def lm_batch(n: int) -> dict[str, torch.Tensor]:

@@ -14,17 +14,15 @@ so the test has the power to fail (z > 11 even with a sixth of the samples).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from kdtool.objectives.minillm import MiniLLM, MiniLLMOptions
 
-from kdtool.context import StepContext
 from kdtool.onpolicy import RolloutStep
 from kdtool.rollout import collate, collect
-from toy_lm import EOS, TableLM, exact_reverse_kl
+from toy_lm import EOS, TableLM, exact_reverse_kl, prompt_batch, toy_context
 
 V, PROMPT = 4, [1]
 K, B, Z = 25, 300, 5.0
@@ -54,20 +52,8 @@ def gradient_check(
     teacher.requires_grad_(False)
     (exact,) = torch.autograd.grad(exact_reverse_kl(student, teacher, PROMPT, max_new), student.head.weight)
     objective = MiniLLM(MiniLLMOptions(rollout_batch_size=b, max_new_tokens=max_new, **PLAIN | options))
-    ctx = StepContext(
-        student=student,
-        teacher=teacher,
-        teacher_cache=None,
-        tokenizer=SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS),
-        vocab_size=V,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    prompts = {
-        "input_ids": torch.tensor([PROMPT] * b),
-        "attention_mask": torch.ones(b, len(PROMPT), dtype=torch.long),
-        "labels": torch.full((b, len(PROMPT)), -100),
-    }
+    ctx = toy_context(student, teacher, seed)
+    prompts = prompt_batch(PROMPT, b)
     grads = []
     for _ in range(k):
         buffer = collect(

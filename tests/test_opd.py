@@ -4,18 +4,15 @@ the student's own prefixes — minillm's single-step term, summed over the vocab
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from kdtool.objectives.minillm import MiniLLM, MiniLLMOptions
 from kdtool.objectives.opd import MINILLM_EQUIVALENT, OnPolicyDistillation, OPDOptions
 
-from kdtool.context import StepContext
 from kdtool.onpolicy import RolloutStep
 from kdtool.registry import available
 from kdtool.rollout import collate, collect
-from toy_lm import EOS, TableLM, all_responses, response_batch
+from toy_lm import EOS, TableLM, all_responses, prompt_batch, response_batch, toy_context
 
 V, PROMPT, MAX_NEW = 4, [1], 3
 K, B, Z = 25, 300, 5.0
@@ -30,30 +27,13 @@ def models():
     return student, teacher
 
 
-def ctx_for(student, teacher, seed: int) -> StepContext:
-    return StepContext(
-        student=student,
-        teacher=teacher,
-        teacher_cache=None,
-        tokenizer=SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS),
-        vocab_size=V,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def prompts(b: int) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": torch.tensor([PROMPT] * b),
-        "attention_mask": torch.ones(b, len(PROMPT), dtype=torch.long),
-        "labels": torch.full((b, len(PROMPT)), -100),
-    }
-
-
 def sampled_loss(objective, ctx, b: int) -> torch.Tensor:
     """The objective's own path: collect → buffer → micro-batch loss / count."""
     buffer = collect(
-        iter([prompts(b)]), ctx, objective.rollout_settings(ctx.settings), objective.rollout_tensors
+        iter([prompt_batch(PROMPT, b)]),
+        ctx,
+        objective.rollout_settings(ctx.settings),
+        objective.rollout_tensors,
     )
     objective.finish_buffer(buffer.tokens)
     loss_sum, count, _ = RolloutStep(objective).loss(ctx, collate(buffer, list(range(b)), EOS))
@@ -67,7 +47,7 @@ def test_registered_and_equal_to_its_minillm_option_set():
     losses = []
     for objective in (OnPolicyDistillation(), MiniLLM(MiniLLMOptions(**MINILLM_EQUIVALENT))):
         objective.options = objective.options.model_copy(update={"max_new_tokens": MAX_NEW})
-        losses.append(sampled_loss(objective, ctx_for(student, teacher, seed=0), 64))
+        losses.append(sampled_loss(objective, toy_context(student, teacher, seed=0), 64))
     assert torch.equal(losses[0], losses[1])
 
 
@@ -93,7 +73,7 @@ def gradient_check(options: dict, k: int = K, b: int = B) -> float:
     grads = []
     for seed in range(k):
         student.zero_grad()
-        sampled_loss(objective, ctx_for(student, teacher, seed), b).backward()
+        sampled_loss(objective, toy_context(student, teacher, seed), b).backward()
         grads.append(student.head.weight.grad.clone())
     g = torch.stack(grads)
     mean, se = g.mean(0), g.std(0) / k**0.5

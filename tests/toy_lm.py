@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,3 +114,24 @@ def exact_reverse_kl(student: nn.Module, teacher: nn.Module, prompt: list[int], 
     with torch.no_grad():
         lp = sequence_logprobs(teacher, prompt, responses)
     return (lq.exp() * (lq - lp)).sum()
+
+
+def toy_context(student: TableLM, teacher: TableLM, seed: int = 0) -> Any:
+    """A ``StepContext`` for the pair on the CPU (EOS = pad), sampling seeded by ``seed``."""
+    from kdtool.context import StepContext
+
+    return StepContext(
+        student=student,
+        teacher=teacher,
+        teacher_cache=None,
+        tokenizer=SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS),
+        vocab_size=student.head.out_features,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def prompt_batch(prompt: list[int], b: int) -> dict[str, Tensor]:
+    """``b`` copies of ``prompt`` as a training batch without targets (labels all -100)."""
+    ids = torch.tensor([prompt] * b)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
