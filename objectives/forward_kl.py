@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from kdtool.divergence import gather_target, kl, log_softmax
+from kdtool.divergence import gather_target, kl, kl_and_logit_grad, log_softmax
 from kdtool.objective import Metrics, Objective, ObjectiveOptions, token_metric
 from kdtool.teacher import TeacherSignal
 
@@ -50,3 +50,19 @@ class ForwardKL(Objective[ForwardKLOptions]):
             losses = (1 - opt.ce_weight) * divergence + opt.ce_weight * ce
             metrics["ce"] = token_metric(ce)
         return losses, metrics
+
+    def token_losses_and_grad(
+        self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
+    ) -> tuple[Tensor, Metrics, Tensor] | None:
+        """Without the CE term: ∂L/∂z = τ² · (1/τ) · (q^τ · Σ_v p^τ(v) − p^τ), autograd's values exactly."""
+        opt = self.options
+        if opt.ce_weight > 0:
+            return None  # the engine differentiates the mix by autograd
+        tau = opt.temperature
+        log_p = teacher.dense_log_probs(tau)  # [N, V]
+        log_q = log_softmax(student_logits, tau)  # [N, V]
+        kl_tau, grad = kl_and_logit_grad(log_p, log_q, weight=tau**2)  # grad w.r.t. z / τ
+        divergence = kl_tau * tau**2  # [N]
+        if tau != 1.0:
+            grad = grad / tau
+        return divergence, {"kl": token_metric(divergence)}, grad.to(student_logits.dtype)

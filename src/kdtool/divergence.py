@@ -19,10 +19,28 @@ else:
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)), per row: ``[N, V] -> [N]``."""
     p = log_p.exp()
+    if not (torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad)):
+        # Nothing to differentiate (evaluation, closed-form gradients): the same values, in place.
+        return (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
     # Mask the difference itself, not the product: −inf − (−inf) = NaN would otherwise leak
     # into the backward pass through the product rule even when the forward value is masked.
     diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
     return (p * diff).sum(-1)
+
+
+def kl_and_logit_grad(log_p: Tensor, log_q: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """KL(p ‖ q) per row, and the gradient of ``weight`` · Σ_rows KL(p ‖ q) w.r.t. the scores s of
+    ``log_q = log_softmax(s)``: weight · (q · Σ_v p(v) − p), with p constant. No autograd.
+
+    Written as autograd evaluates ``kl`` (d/d log q = −weight · p, then the log-softmax backward
+    kernel), so both the value and the gradient equal autograd's bit for bit.
+    """
+    with torch.no_grad():
+        divergence = kl(log_p, log_q)
+        p = log_p.exp()
+        d_log_q = (p.mul_(weight) if weight != 1.0 else p).neg_()
+        grad = torch._log_softmax_backward_data(d_log_q, log_q, -1, log_q.dtype)
+    return divergence, grad
 
 
 def cross_entropy(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -52,4 +70,11 @@ def gather_target(log_p: Tensor, labels: Tensor) -> Tensor:
 
 
 def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    return torch.log_softmax(upcast(logits) / temperature, dim=-1)
+    return torch.log_softmax(scaled(logits, temperature), dim=-1)
+
+
+def scaled(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Upcast logits divided by the temperature (no division, a whole [N, V] pass, at τ = 1:
+    x / 1 == x exactly, in value and in gradient)."""
+    x = upcast(logits)
+    return x / temperature if temperature != 1.0 else x

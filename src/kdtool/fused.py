@@ -1,7 +1,8 @@
 """The engine's two differentiable paths and its evaluation path, chunk by chunk.
 
 * ``FusedLinearLoss`` (the head is a linear map): per chunk, the student logits, the objective's
-  per-token losses and, by a local autograd pass on that chunk only, d(loss)/d(logits), contracted at
+  per-token losses and d(loss)/d(logits) (the objective's closed form, ``token_losses_and_grad``,
+  where it has one, else a local autograd pass on that chunk only), contracted at
   once into the gradients of the hidden states and of the head's weight (and bias); the logits are
   then freed and ``backward`` only scales the stored gradients (Liger Kernel's fused linear losses).
 * ``checkpointed_loss`` (any other head): each chunk under ``torch.utils.checkpoint``.
@@ -95,7 +96,15 @@ class FusedLinearLoss(torch.autograd.Function):
 def _loss_and_logit_grad(
     z: Tensor, post: Callable[[Tensor], Tensor] | None, plan: LossPlan, teacher: TeacherSignal, rows: slice
 ) -> tuple[Tensor, Tensor]:
-    """One slice's loss sum and d(loss)/d(z), by a local autograd pass on ``[s, V]`` only."""
+    """One slice's loss sum and d(loss)/d(z): the objective's closed form when it has one (and no
+    ``post`` map sits between z and the logits), else a local autograd pass on ``[s, V]`` only."""
+    if post is None:
+        with torch.no_grad():
+            closed = plan.losses_and_grad(z, teacher, rows)
+        if closed is not None:
+            losses, metrics, dz = closed
+            plan.add_metrics(metrics)
+            return losses.sum(), dz
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         logits = post(z) if post is not None else z

@@ -40,6 +40,14 @@ class LossPlan:
         stats = rows_of_stats(self.stats, rows)
         return self.objective.token_losses(logits, teacher, self.labels[rows], stats)
 
+    def losses_and_grad(
+        self, logits: Tensor, teacher: TeacherSignal, rows: slice
+    ) -> tuple[Tensor, Metrics, Tensor] | None:
+        """The objective's closed form for ``rows`` (``token_losses_and_grad``), or ``None``."""
+        assert self.stats is not None
+        stats = rows_of_stats(self.stats, rows)
+        return self.objective.token_losses_and_grad(logits, teacher, self.labels[rows], stats)
+
     def add_metrics(self, metrics: Metrics) -> None:
         detached = {k: (s.detach(), c.detach()) for k, (s, c) in metrics.items()}
         if self.metrics is None:
@@ -60,7 +68,7 @@ def make_plan(
     extra_stats: dict[str, Tensor] | None = None,
 ) -> LossPlan:
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab_size, student_hidden.device)
+        chunk_size = default_chunk_size(vocab_size, student_hidden.device, student_hidden.shape[-1])
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     plan = LossPlan(

@@ -119,6 +119,16 @@ class Objective(Generic[OptionsT]):
         """
         raise NotImplementedError
 
+    def token_losses_and_grad(
+        self, student_logits: Tensor, teacher: TeacherSignal, labels: Tensor, stats: dict[str, Any]
+    ) -> tuple[Tensor, Metrics, Tensor] | None:
+        """Optional closed form: ``token_losses`` and d(Σ losses)/d(student_logits) ``[N, V]``,
+        without autograd, or ``None`` (the default): the engine then differentiates
+        ``token_losses`` itself. Where given, it must agree with autograd on ``token_losses``:
+        the engine contract tests check the gradient of every registered objective's options
+        against the unchunked autograd reference."""
+        return None
+
     def loss(
         self, student_logits: Tensor, teacher_logits: TeacherSignal | Tensor | None, labels: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
