@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from kdtool import distributed, lora
+from kdtool import allocator, distributed, lora
 from kdtool.config import DistillConfig
 from kdtool.context import StepContext
 from kdtool.data import BatchLoader
@@ -170,6 +170,7 @@ def train(
             "--teacher-device-map is for one process; under torchrun with several processes use --fsdp-teacher"
         )
     info, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
+    allocator.tune_for_training(device.type)  # before the models and the first step allocate
     try:
         return _train(cfg, resume, overwrite, console, info, device)
     finally:
@@ -240,9 +241,10 @@ def _train(
     elif main:
         run.config.write_text(config_yaml)
         run.metrics.write_text("")
-        run.log(
-            start_record(cfg, train_ds, eval_ds, report, steps, info, sharded, ctx.teacher_sharded, student)
+        record = start_record(
+            cfg, train_ds, eval_ds, report, steps, info, sharded, ctx.teacher_sharded, student
         )
+        run.log({**record, "cpu_allocator": allocator.tune_for_training(device.type)})
     eval_every, eval_batches = cfg.eval_schedule(steps, held_out_batches(cfg, eval_ds))
     save_every = cfg.save_every or max(1, steps // 5)
     started = time.perf_counter() - state.elapsed  # `elapsed` (and `eval_time`) carry over a resume
