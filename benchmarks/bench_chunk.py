@@ -34,9 +34,10 @@ from bench_memory import machine, run_child  # noqa: E402
 
 
 def measure(
-    args: argparse.Namespace, vocab: int, rows: int, chunks: list[int]
-) -> dict[int, dict[str, float]]:
-    """Median peak (MiB), step wall time and step CPU time (s) per chunk size, over the rounds."""
+    args: argparse.Namespace, vocab: int, rows: int, variants: list[dict[str, Any]]
+) -> list[dict[str, float]]:
+    """Median peak (MiB), step wall time and step CPU time (s) per variant (its ``chunk_size`` and,
+    in a slice sweep, ``slice_mib``), over the rounds."""
     base = {
         "objective": "fkl",
         "mode": "chunked",
@@ -49,50 +50,75 @@ def measure(
         "repeats": args.repeats,
         "threads": args.threads,
         "device": args.device,
+        "system_allocator": args.system_allocator,
     }
-    raw: dict[int, list[dict[str, Any]]] = {c: [] for c in chunks}
+    raw: list[list[dict[str, Any]]] = [[] for _ in variants]
     for _ in range(args.rounds):
-        for chunk in chunks:
-            raw[chunk].append(run_child({**base, "chunk_size": chunk}))
-    return {
-        c: {
+        for i, variant in enumerate(variants):
+            raw[i].append(run_child({**base, **variant}))
+    return [
+        {
+            **variant,
             "peak_mib": statistics.median(r["peak_bytes"] for r in rs) / 2**20,
             "wall_s": statistics.median(t for r in rs for t in r["times"]),
             "cpu_s": statistics.median(t for r in rs for t in r["cpu_times"]),
         }
-        for c, rs in raw.items()
-    }
+        for variant, rs in zip(variants, raw, strict=True)
+    ]
 
 
-def table(vocab: int, rows: int, default: int, res: dict[int, dict[str, float]]) -> list[str]:
-    best_time = min(r["wall_s"] for r in res.values())
-    least_mem = min(r["peak_mib"] for r in res.values())
+def table(
+    vocab: int, rows: int, default: int, res: list[dict[str, float]], default_slice: int = 0
+) -> list[str]:
+    """One V's rows: chunk sizes (the default marked), or in a slice sweep slice sizes at one chunk."""
+    best_time = min(r["wall_s"] for r in res)
+    least_mem = min(r["peak_mib"] for r in res)
+    sweep = "slice_mib" in res[0]
+    title = f"### V = {vocab:,}, {rows:,} rows" + (
+        f", {int(res[0]['chunk_size'])}-row chunk" if sweep else ""
+    )
+    first = "| slice rows | slice MiB |" if sweep else "| chunk rows | fp32 block MiB |"
     out = [
-        f"### V = {vocab:,}, {rows:,} rows",
+        title,
         "",
-        "| chunk rows | fp32 block MiB | peak MiB | × least | step wall s | × best | step CPU s |",
+        first + " peak MiB | × least | step wall s | × best | step CPU s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for chunk in sorted(res):
-        r = res[chunk]
-        name = f"**{chunk} (default)**" if chunk == default else str(chunk)
+    for r in sorted(res, key=lambda r: (r.get("slice_mib", 0), r["chunk_size"])):
+        n = _slice_rows(r["slice_mib"], vocab, int(r["chunk_size"])) if sweep else int(r["chunk_size"])
+        marked = n == (default_slice if sweep else default)
+        name = f"**{n} (default)**" if marked else str(n)
         out.append(
-            f"| {name} | {chunk * vocab * 4 / 2**20:.1f} | {r['peak_mib']:.1f} | {r['peak_mib'] / least_mem:.2f} "
+            f"| {name} | {n * vocab * 4 / 2**20:.1f} | {r['peak_mib']:.1f} | {r['peak_mib'] / least_mem:.2f} "
             f"| {r['wall_s']:.3f} | {r['wall_s'] / best_time:.2f} | {r['cpu_s']:.3f} |"
         )
-    if default not in res:
+    if not sweep and default not in {int(r["chunk_size"]) for r in res}:
         out.append(f"| {default} (default; not measured) | {default * vocab * 4 / 2**20:.1f} | | | | | |")
     return [*out, ""]
 
 
-def render(saved: dict[str, Any], device: str) -> str:
-    """The report: the header, then one table per V with the engine's current default marked."""
-    from kdtool.chunking import default_chunk_size
+def _slice_rows(slice_mib: float, vocab: int, chunk: int) -> int:
+    from kdtool.chunking import rows_for
 
-    lines = [f"# Chunk size of the token-loss engine: fkl step on {device.upper()}", "", *saved["header"], ""]
+    return min(chunk, rows_for(int(slice_mib * 2**20), vocab))
+
+
+def render(saved: dict[str, Any], device: str) -> str:
+    """The report: the header, then one table per V (and per sweep) with the engine's defaults marked."""
+    from kdtool.chunking import default_chunk_size, slice_size
+
+    sweep = any(
+        isinstance(sec["results"], list) and "slice_mib" in sec["results"][0] for sec in saved["sections"]
+    )
+    what = "Slice size inside a chunk" if sweep else "Chunk size"
+    lines = [f"# {what} of the token-loss engine: fkl step on {device.upper()}", "", *saved["header"], ""]
     for sec in saved["sections"]:
-        res = {int(c): r for c, r in sec["results"].items()}
-        lines += table(sec["vocab"], sec["rows"], default_chunk_size(sec["vocab"], device), res)
+        res = sec["results"]
+        if isinstance(res, dict):  # the format before slice sweeps: {chunk: figures}
+            res = [{"chunk_size": int(c), **r} for c, r in res.items()]
+        default = default_chunk_size(sec["vocab"], device, sec.get("hidden", 256))  # 256: the first runs'
+        default_slice = slice_size(sec["vocab"], int(res[0]["chunk_size"]), device)
+        lines += table(sec["vocab"], sec["rows"], default, res, default_slice)
     return "\n".join(lines)
 
 
@@ -108,6 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="Fresh subprocesses per configuration.")
     p.add_argument("--repeats", type=int, default=1, help="Timed steps per subprocess (after 2 untimed).")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
+    p.add_argument(
+        "--slice-mib",
+        default="",
+        help="Comma-separated CPU slice sizes (MiB of one fp32 [rows, V] block) to sweep at one chunk size "
+        "(--chunk-sizes, a single value) instead of the chunk sweep.",
+    )
+    p.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="Leave glibc malloc at its defaults (kdtool distill tunes it on CPU; kdtool.allocator).",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--note", default="", help="A line about the machine's load, copied into the report.")
     p.add_argument("--output", default=None, help="Markdown file (default benchmarks/chunk_<device>.md).")
@@ -130,10 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     start, load_before = time.perf_counter(), os.getloadavg()
     results = []
     for vocab, rows in zip(vocabs, rows_per_v, strict=True):
-        default = default_chunk_size(vocab, args.device)
-        chunks = sorted({int(c) for c in args.chunk_sizes.split(",") if int(c) <= rows} | {default})
-        res = measure(args, vocab, rows, chunks)
-        results.append({"vocab": vocab, "rows": rows, "results": {str(c): r for c, r in res.items()}})
+        default = default_chunk_size(vocab, args.device, args.hidden)
+        if args.slice_mib:
+            (chunk,) = (int(c) for c in args.chunk_sizes.split(","))
+            variants = [{"chunk_size": chunk, "slice_mib": float(m)} for m in args.slice_mib.split(",")]
+        else:
+            chunks = sorted({int(c) for c in args.chunk_sizes.split(",") if int(c) <= rows} | {default})
+            variants = [{"chunk_size": c} for c in chunks]
+        res = measure(args, vocab, rows, variants)
+        results.append({"vocab": vocab, "rows": rows, "hidden": args.hidden, "results": res})
         print("\n".join(table(vocab, rows, default, res)), flush=True)
     command = "python benchmarks/bench_chunk.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     header = [

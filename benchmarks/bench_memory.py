@@ -78,6 +78,14 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
+    if not cfg.get("system_allocator"):
+        from kdtool.allocator import tune_for_training
+
+        tune_for_training(device.type)  # as `kdtool distill` does
+    if cfg.get("slice_mib"):  # a slice sweep (bench_chunk.py --slice-mib): the CPU slice budget, fixed
+        import kdtool.chunking
+
+        kdtool.chunking.CPU_SLICE_BYTES = int(cfg["slice_mib"] * 2**20)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     n, h, ht, v = cfg["batch"] * cfg["seq"], cfg["hidden"], cfg["teacher_hidden"], cfg["vocab"]
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     load_after = os.getloadavg()
     tflops = peak_tflops(args)
-    default_rows = default_chunk_size(args.vocab, args.device)
+    default_rows = default_chunk_size(args.vocab, args.device, args.hidden)
     lines = [
         f"# Token-loss engine: peak memory and throughput ({args.device.upper()})",
         "",

@@ -280,35 +280,42 @@ def test_gradient_scaled_by_upstream_gradient():
 
 
 @pytest.mark.parametrize(
-    ("vocab", "device", "rows"),
+    ("vocab", "device", "hidden", "rows"),
     [
-        # CPU: 64 MiB of fp32 logits, at least 512 rows (benchmarks/chunk_cpu.md)
-        (16384, "cpu", 1024),
-        (32768, "cpu", 512),
-        (151936, "cpu", 512),
-        (10**9, "cpu", 512),
-        # CUDA: 512 MiB, at least 128 rows, at most 8192
-        (16384, "cuda", 8192),
-        (151936, "cuda", 880),
-        (152064, "cuda", 880),
-        (10**9, "cuda", 128),
-        (151936, "mps", 880),  # other accelerators take CUDA's rule
+        # CPU: 4 · H rows, at least 64, at most one 256 MiB fp32 block (benchmarks/chunk_cpu.md)
+        (16384, "cpu", 32, 128),
+        (16384, "cpu", 256, 1024),
+        (32768, "cpu", 256, 1024),
+        (151936, "cpu", 32, 128),
+        (151936, "cpu", 256, 432),
+        (151936, "cpu", 896, 432),
+        (16384, "cpu", 8, 64),  # the floor
+        (16384, "cpu", 10**6, 4096),  # the budget
+        (10**9, "cpu", 256, 64),
+        (16384, "cpu", None, 4096),  # hidden size unknown: the budget's rows
+        # CUDA: 512 MiB, at least 128 rows, at most 8192; the hidden size does not enter
+        (16384, "cuda", 896, 8192),
+        (151936, "cuda", 896, 880),
+        (152064, "cuda", None, 880),
+        (10**9, "cuda", 896, 128),
+        (151936, "mps", 896, 880),  # other accelerators take CUDA's rule
     ],
 )
-def test_default_chunk_rule(vocab, device, rows):
-    assert default_chunk_size(vocab, device) == rows
+def test_default_chunk_rule(vocab, device, hidden, rows):
+    assert default_chunk_size(vocab, device, hidden) == rows
 
 
 def test_default_chunk_is_within_the_budget():
     for vocab in (1000, 16384, 32768, 50257, 151936):
-        rows = default_chunk_size(vocab, "cpu")
-        assert rows % 16 == 0
-        assert rows * vocab * 4 <= kdtool.chunking.CHUNK_BUDGET_BYTES["cpu"] or rows == 512
+        for hidden in (16, 64, 512, 4096):
+            rows = default_chunk_size(vocab, "cpu", hidden)
+            assert rows % 16 == 0
+            assert rows * vocab * 4 <= kdtool.chunking.CHUNK_BUDGET_BYTES["cpu"] or rows == 64
 
 
 @pytest.mark.parametrize("name", ["fkl", "rkl", "atkd", "sft"])
 def test_default_chunk_equals_plain_at_a_real_vocabulary(name):
-    """At V = 65,536 the CPU default (512 rows) cuts 1,100 rows into 3 chunks: same loss and grads."""
+    """At V = 65,536 and H = 4 the CPU default (64 rows) cuts 1,100 rows into 18 chunks: same loss and grads."""
     vocab, n, h = 65536, 1100, 4
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -319,7 +326,7 @@ def test_default_chunk_equals_plain_at_a_real_vocabulary(name):
     if not objective.needs_teacher:
         teacher = TeacherSignal.none()
     labels = torch.randint(0, vocab, (n,), generator=g)
-    assert default_chunk_size(vocab, hidden.device) < n
+    assert default_chunk_size(vocab, hidden.device, h) < n
     results = []
     for fn in (token_loss_sum, plain_token_loss_sum):
         loss, _ = fn(objective, hidden, head, teacher, labels, vocab)
@@ -329,7 +336,8 @@ def test_default_chunk_equals_plain_at_a_real_vocabulary(name):
 
 
 def test_default_sizes_follow_the_budgets():
-    assert slice_size(16384, 1024, "cpu") * 16384 * 4 < 32 * 2**20  # below glibc's mmap threshold
+    assert slice_size(16384, 1024, "cpu") * 16384 * 4 == kdtool.chunking.CPU_SLICE_BYTES
+    assert slice_size(151936, 1024, "cpu") == kdtool.chunking.CPU_SLICE_MIN_ROWS
     assert slice_size(16384, 1024, "cuda") == 1024  # one slice per chunk on GPUs
     assert default_chunk_size(152064, "cuda") >= 512
     assert default_chunk_size(10**9, "cpu") >= 1

@@ -11,56 +11,64 @@ from kdtool.lazy import torch
 
 # Two sizes (bytes of one fp32 [rows, V] block):
 # * The *chunk* (``default_chunk_size``): the rows whose student logits exist at once and go through
-#   the output-layer matmuls together. The rule is rows = clamp(budget / (V × 4 bytes), lo, 8192), with a
-#   budget and a floor per device type:
-#   - CPU: 64 MiB, at least 512 rows. From benchmarks/chunk_cpu.md (``python benchmarks/bench_chunk.py``:
-#     one fkl step of the output layers with a lazy teacher, H = 256 / 512, 32–1,024-row chunks, one
-#     process each, on the shared 2-core CPU): the fastest chunk was 1,024 rows at V = 16k, 256 at 32k
-#     and 1,024 at 152k, with 512–1,024 rows within 7% of it everywhere but one noisy 16k point, while
-#     32–128-row chunks were 13–100% slower at 16k and 32k and ≥ 30% slower at 152k (CPU time
-#     +30%); the peak grows with the chunk (16k: 62 MiB at 32 rows, 466 MiB at 1,024). The budget alone
-#     (64 MiB) gives 1,024 rows at 16k and 512 at 32k, but only 96 at 152k, 2.5× slower than the best:
-#     hence the floor. The rule is within 10% of the fastest chunk's step time and below its peak at the
-#     three V measured. Smaller ``--chunk-size`` values trade step time (up to 2× at 32 rows) for memory
-#     (down to 1/7 of the peak at V = 16k).
+#   the output-layer matmuls together (forward, and the contractions into d hidden and d weight, which
+#   re-read the [V, H] weight and gradient once per chunk).
+#   - CPU: rows = clamp(4 · H, 64, 8192), at most a 256 MiB block (but ≥ 64 rows), H the student's hidden
+#     size. From benchmarks/chunk_cpu.md (``python benchmarks/bench_chunk.py``: one fkl step of the output
+#     layers with a lazy teacher, glibc tuned as in a run (kdtool.allocator), 32–1,024-row chunks, fresh
+#     processes, the shared 2-core CPU): at H = 256 the fastest chunk was 1,024 rows at V = 16k and 32k
+#     and 512 at 152k (256 rows: 1.01×), and 64–256-row chunks were 13–50% slower at 16k and 32k; at
+#     H = 32 the step time is flat within the noise from 128 rows up (128 was fastest at 16k and 152k)
+#     while the peak grows with the chunk (152k: 366 MiB at 128 rows, 895 at 1,024). The wider the
+#     hidden state, the more rows a chunk needs to amortise the per-chunk [V, H] traffic, hence rows ∝ H;
+#     the 256 MiB cap keeps large-V chunks near the fastest (152k, H = 256: 432 rows) without the
+#     1,024-row block's 2× peak.
 #   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
 #     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
 #     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
-# * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a
-#   chunk, i.e. its ~10 temporaries of [rows, V] (log-softmaxes, products, their gradients). On CPU
-#   slices are far faster than whole chunks: for fkl over 2048 × 16k logits, loss + backward took
-#   0.8 s of CPU in 128–256-row slices vs 1.6 s in ≥ 512-row ones with 1 thread, and the best wall
-#   time with 2 threads came at 384 rows (24 MiB). Temporaries of ≥ 32 MiB are served by fresh
-#   mmaps (glibc's largest mmap threshold) whose every page faults in; smaller ones reuse the heap.
-#   Hence 12 MiB per intra-op thread, capped below 32 MiB. On CUDA one slice = one chunk.
-CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
-CHUNK_MIN_ROWS = {"cpu": 512, "cuda": 128}
-CPU_SLICE_BYTES_PER_THREAD = 12 * 2**20
-CPU_SLICE_MAX_BYTES = 28 * 2**20
+# * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a chunk,
+#   i.e. its few temporaries of [rows, V] (log-softmaxes, products, the logit gradient). On CPU 8 MiB
+#   slices (at least 32 rows) were fastest or within 6% of it at V = 16k, 32k and 152k (the slice sweep
+#   in benchmarks/chunk_cpu.md: 1–24 MiB at a 1,024-row chunk, H = 256): small enough to stay in
+#   cache, large enough for the teacher's matmul. On CUDA one slice = one chunk.
+CHUNK_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
+CHUNK_MIN_ROWS = {"cpu": 64, "cuda": 128}
+CPU_ROWS_PER_HIDDEN = 4
+CPU_SLICE_BYTES = 8 * 2**20
+CPU_SLICE_MIN_ROWS = 32
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
 
 
-def _rows_for(budget: int, vocab_size: int, floor: int = MIN_CHUNK_ROWS) -> int:
+def rows_for(budget: int, vocab_size: int, floor: int = MIN_CHUNK_ROWS) -> int:
     """clamp(budget / (4 V), floor, MAX_CHUNK_ROWS), rounded down to a multiple of 16 rows."""
     rows = budget // (4 * max(vocab_size, 1))
     return int(min(MAX_CHUNK_ROWS, max(floor, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)))
 
 
-def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Rows per chunk: one fp32 ``[chunk, V]`` block of about ``CHUNK_BUDGET_BYTES`` of the device
-    type, at least ``CHUNK_MIN_ROWS`` of it (devices other than CPU take CUDA's; see above)."""
+def default_chunk_size(
+    vocab_size: int, device: torch.device | str = "cpu", hidden_size: int | None = None
+) -> int:
+    """Rows per chunk (see above). CPU: ``CPU_ROWS_PER_HIDDEN`` × the student's hidden size (the
+    budget's rows when it is unknown), within one ``CHUNK_BUDGET_BYTES`` fp32 block and at least
+    ``CHUNK_MIN_ROWS``; CUDA (and other accelerators): the budget's rows, at least its floor."""
     kind = torch.device(device).type
     kind = kind if kind in CHUNK_BUDGET_BYTES else "cuda"
-    return _rows_for(CHUNK_BUDGET_BYTES[kind], vocab_size, CHUNK_MIN_ROWS[kind])
+    floor = CHUNK_MIN_ROWS[kind]
+    budget_rows = rows_for(CHUNK_BUDGET_BYTES[kind], vocab_size, floor)
+    if kind != "cpu" or not hidden_size:
+        return budget_rows
+    wanted = (
+        max(floor, min(MAX_CHUNK_ROWS, CPU_ROWS_PER_HIDDEN * hidden_size)) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS
+    )
+    return max(floor, min(wanted, budget_rows))
 
 
 def slice_size(vocab_size: int, chunk_size: int, device: torch.device | str = "cpu") -> int:
     """Rows the objective sees at once inside a chunk (≤ ``chunk_size``); see the budgets above."""
     if torch.device(device).type != "cpu":
         return chunk_size
-    budget = min(CPU_SLICE_BYTES_PER_THREAD * torch.get_num_threads(), CPU_SLICE_MAX_BYTES)
-    return min(chunk_size, _rows_for(budget, vocab_size))
+    return min(chunk_size, rows_for(CPU_SLICE_BYTES, vocab_size, CPU_SLICE_MIN_ROWS))
 
 
 def row_chunks(n: int, size: int) -> list[slice]:
