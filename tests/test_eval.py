@@ -191,9 +191,32 @@ def test_shared_engine_pass_equals_each_objective_on_its_own():
     labels = torch.randint(0, v, (n,), generator=g)
     teacher = TeacherSignal.lazy(teacher_hidden, teacher_head, v)
     objectives = {name: cls() for name, cls in available().items() if cls.scores_references}
+    objectives["loss"] = objectives[
+        "fkl"
+    ]  # the held-out `loss` probe of an fkl run: one object, computed once
     with torch.no_grad():
         shared = token_loss_sums(objectives, hidden, student_head, teacher, labels, v, chunk_size=8)
         for name, objective in objectives.items():
             alone, metrics = token_loss_sum(objective, hidden, student_head, teacher, labels, v, chunk_size=8)
             assert torch.equal(shared[name][0], alone), name
             assert shared[name][1].keys() == metrics.keys(), name
+    # ... and equal to the training path's value (with gradients: closed forms, local autograd)
+    trainable = hidden.clone().requires_grad_(True)
+    for name, objective in objectives.items():
+        trained, _ = token_loss_sum(objective, trainable, student_head, teacher, labels, v, chunk_size=8)
+        assert torch.equal(shared[name][0], trained.detach()), name
+
+
+def test_the_loss_probe_reuses_an_identical_probe():
+    """An fkl run's objective *is* the fkl probe (computed once); other options keep their own object."""
+    from types import SimpleNamespace
+
+    from kdtool.held_out import eval_probes
+
+    ctx = SimpleNamespace(teacher=object(), teacher_cache=None)
+    cfg = SimpleNamespace(eval_data=None)
+    default = eval_probes(ctx, get_objective("fkl"), cfg)
+    assert default["loss"] is default["fkl"]
+    hot = get_objective("fkl", temperature=2.0)
+    assert eval_probes(ctx, hot, cfg)["loss"] is hot
+    assert eval_probes(ctx, get_objective("rkl"), cfg)["loss"] is not None

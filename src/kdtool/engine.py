@@ -58,7 +58,7 @@ def token_loss_sum(
             treated as a constant (no gradient flows into it).
         labels: ``[N]`` target ids.
         vocab_size: the vocabulary both models share; logits past it are dropped.
-        chunk_size: rows per chunk; ``None`` = ``default_chunk_size(vocab_size, device)``.
+        chunk_size: rows per chunk; ``None`` = ``default_chunk_size(vocab_size, device, H)``.
         stats: per-token inputs ``[N]`` of the objective besides the teacher (a step's, e.g.
             rollout advantages), added to its ``batch_stats`` and sliced per chunk like them.
 
@@ -108,13 +108,13 @@ def token_loss_sums(
     """
     if not objectives:
         return {}
-    plans = [
-        make_plan(o, student_hidden, teacher, labels, vocab_size, chunk_size) for o in objectives.values()
-    ]
+    # One plan per distinct objective object: a name given the same object twice (the held-out
+    # `loss` probe of an fkl run *is* the fkl probe) is computed once.
+    unique = list({id(o): o for o in objectives.values()}.values())
+    plans = [make_plan(o, student_hidden, teacher, labels, vocab_size, chunk_size) for o in unique]
     losses = no_grad_losses(student_hidden, student_head, plans)
-    return {
-        name: (loss, plan.metrics or {}) for name, loss, plan in zip(objectives, losses, plans, strict=True)
-    }
+    by_id = {id(o): (loss, plan.metrics or {}) for o, loss, plan in zip(unique, losses, plans, strict=True)}
+    return {name: by_id[id(o)] for name, o in objectives.items()}
 
 
 def plain_token_loss_sum(

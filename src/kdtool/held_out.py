@@ -31,7 +31,12 @@ def eval_probes(ctx: StepContext, objective: Objective[Any], cfg: DistillConfig)
     if ctx.teacher is not None:
         probes.update(fkl=get_objective("fkl"), rkl=get_objective("rkl"))
         if objective.scores_references:
-            probes["loss"] = objective
+            # The objective's loss *is* one of the probes (fkl at its defaults): the same object, so
+            # the engine computes it once (``token_loss_sums``); the value is the same either way.
+            same = [
+                p for p in probes.values() if type(p) is type(objective) and p.options == objective.options
+            ]
+            probes["loss"] = same[0] if same else objective
     elif ctx.teacher_cache is not None and not cfg.eval_data:
         probes["loss"] = objective  # the held-out split comes from --data, so the cache covers it
     return probes

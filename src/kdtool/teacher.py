@@ -16,10 +16,10 @@ read it through ``dense_log_probs`` / ``scores``; the engine decides how many ro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from kdtool.divergence import upcast
+from kdtool.divergence import log_softmax, upcast
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,9 @@ class DenseSignal(TeacherSignal):
     """Dense teacher logits ``[N, V]`` (any float dtype; upcast where used)."""
 
     logits: Tensor
+    # Without autograd (evaluation) several probes read the same rows: their log-probabilities are
+    # computed once per temperature. Callers never modify them in place.
+    _log_probs: dict[float, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -96,7 +99,11 @@ class DenseSignal(TeacherSignal):
         return DenseSignal(self.logits.reshape(-1, self.logits.shape[-1]))
 
     def dense_log_probs(self, temperature: float = 1.0) -> Tensor:
-        return torch.log_softmax(upcast(self.logits) / temperature, dim=-1)
+        if torch.is_grad_enabled():
+            return log_softmax(self.logits, temperature)
+        if temperature not in self._log_probs:
+            self._log_probs[temperature] = log_softmax(self.logits, temperature)
+        return self._log_probs[temperature]
 
     def scores(self, temperature: float = 1.0) -> Tensor:
         return upcast(self.logits) / temperature
