@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "numpy", "matplotlib", "evaluate", "datasets")
 
 # Runs kdtool's console entry point with the given arguments and, at interpreter exit (after
@@ -133,3 +135,30 @@ def test_distill_says_what_it_waits_for_on_a_terminal(tiny_dir, tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 1
     assert text.index("importing torch and transformers") < text.index("data file not found")
+
+
+def test_console_script_skips_the_exit_time_collection(tmp_path):
+    """``kdtool`` (``kdtool.cli:run``, also ``python -m kdtool``) freezes the heap before the
+    interpreter exits, so shutdown does not garbage-collect torch's and transformers' objects;
+    ``main`` (called in-process by tests and embedding programs) does not."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["kdtool"] == "kdtool.cli:run"
+    assert "run()" in (ROOT / "src" / "kdtool" / "__main__.py").read_text()
+    code = (
+        "import atexit, gc, sys\n"
+        "out, entry, sys.argv = sys.argv[1], sys.argv[2], ['kdtool', 'objectives']\n"
+        "atexit.register(lambda: open(out, 'w').write(str(gc.get_freeze_count())))\n"
+        "import kdtool.cli\n"
+        "getattr(kdtool.cli, entry)()\n"
+    )
+    counts = {}
+    for entry in ("run", "main"):
+        out = tmp_path / f"{entry}.txt"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(out), entry], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        counts[entry] = int(out.read_text())
+    assert counts["run"] > 0 and counts["main"] == 0

@@ -1,3 +1,3 @@
-from kdtool.cli import main
+from kdtool.cli import run
 
-main()
+run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import sys
@@ -254,3 +255,17 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def run() -> None:
+    """The ``kdtool`` console script (and ``python -m kdtool``): ``main``, then a quick exit.
+
+    At interpreter exit Python garbage-collects every object torch and transformers created: ~0.9 s
+    on the 2-core CPU after a distillation. Nothing of kdtool's waits for it (files are closed and
+    trackers finished before ``main`` returns), so the objects are frozen out of that collection.
+    ``main`` itself, which tests and embedding programs call, leaves the collector alone.
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()
