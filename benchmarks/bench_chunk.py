@@ -85,7 +85,7 @@ def table(
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(res, key=lambda r: (r.get("slice_mib", 0), r["chunk_size"])):
-        n = _slice_rows(r["slice_mib"], vocab, int(r["chunk_size"])) if sweep else int(r["chunk_size"])
+        n = _slice_rows(r, vocab) if sweep else int(r["chunk_size"])
         marked = n == (default_slice if sweep else default)
         name = f"**{n} (default)**" if marked else str(n)
         out.append(
@@ -97,10 +97,13 @@ def table(
     return [*out, ""]
 
 
-def _slice_rows(slice_mib: float, vocab: int, chunk: int) -> int:
+def _slice_rows(r: dict[str, float], vocab: int) -> int:
+    """The rows of a swept slice: its budget's rows at V, at least the floor the run had (16 before the
+    32-row floor of ``CPU_SLICE_MIN_ROWS``), at most the chunk."""
     from kdtool.chunking import rows_for
 
-    return min(chunk, rows_for(int(slice_mib * 2**20), vocab))
+    floor = int(r.get("slice_min_rows", 16))
+    return min(int(r["chunk_size"]), rows_for(int(r["slice_mib"] * 2**20), vocab, floor))
 
 
 def render(saved: dict[str, Any], device: str) -> str:
@@ -117,7 +120,8 @@ def render(saved: dict[str, Any], device: str) -> str:
         if isinstance(res, dict):  # the format before slice sweeps: {chunk: figures}
             res = [{"chunk_size": int(c), **r} for c, r in res.items()]
         default = default_chunk_size(sec["vocab"], device, sec.get("hidden", 256))  # 256: the first runs'
-        default_slice = slice_size(sec["vocab"], int(res[0]["chunk_size"]), device)
+        teacher_hidden = sec.get("teacher_hidden", 512)  # 512: the first runs'
+        default_slice = slice_size(sec["vocab"], int(res[0]["chunk_size"]), device, teacher_hidden)
         lines += table(sec["vocab"], sec["rows"], default, res, default_slice)
     return "\n".join(lines)
 
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
 
+    import kdtool.chunking
     from kdtool.chunking import default_chunk_size
 
     vocabs = [int(v) for v in args.vocabs.split(",")]
@@ -170,12 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         default = default_chunk_size(vocab, args.device, args.hidden)
         if args.slice_mib:
             (chunk,) = (int(c) for c in args.chunk_sizes.split(","))
-            variants = [{"chunk_size": chunk, "slice_mib": float(m)} for m in args.slice_mib.split(",")]
+            floor = kdtool.chunking.CPU_SLICE_MIN_ROWS
+            variants = [
+                {"chunk_size": chunk, "slice_mib": float(m), "slice_min_rows": floor}
+                for m in args.slice_mib.split(",")
+            ]
         else:
             chunks = sorted({int(c) for c in args.chunk_sizes.split(",") if int(c) <= rows} | {default})
             variants = [{"chunk_size": c} for c in chunks]
         res = measure(args, vocab, rows, variants)
-        results.append({"vocab": vocab, "rows": rows, "hidden": args.hidden, "results": res})
+        section = {"vocab": vocab, "rows": rows, "hidden": args.hidden, "teacher_hidden": args.teacher_hidden}
+        results.append({**section, "results": res})
         print("\n".join(table(vocab, rows, default, res)), flush=True)
     command = "python benchmarks/bench_chunk.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     header = [

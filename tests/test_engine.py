@@ -102,7 +102,9 @@ def test_slices_inside_chunks_equal_plain(name, kind, chunk, rows, monkeypatch):
     """The objective sees slices of a chunk (cache-sized on CPU); that changes nothing either."""
     import kdtool.loss_plan
 
-    monkeypatch.setattr(kdtool.loss_plan, "slice_size", lambda vocab, chunk, device: min(rows, chunk))
+    monkeypatch.setattr(
+        kdtool.loss_plan, "slice_size", lambda vocab, chunk, device, teacher_hidden=0: min(rows, chunk)
+    )
     hidden, head, t_hidden, t_head, labels = make()
     objective = kdtool.get_objective(name)
     teacher = signal(kind, t_hidden, t_head)
@@ -338,6 +340,11 @@ def test_default_chunk_equals_plain_at_a_real_vocabulary(name):
 def test_default_sizes_follow_the_budgets():
     assert slice_size(16384, 1024, "cpu") * 16384 * 4 == kdtool.chunking.CPU_SLICE_BYTES
     assert slice_size(151936, 1024, "cpu") == kdtool.chunking.CPU_SLICE_MIN_ROWS
+    # a lazy teacher's output layer runs per slice: at least H_teacher / 4 rows (benchmarks/slice_cpu*.md)
+    assert slice_size(16384, 2048, "cpu", teacher_hidden=1024) == 256
+    assert slice_size(151936, 432, "cpu", teacher_hidden=512) == 128
+    assert slice_size(16384, 1024, "cpu", teacher_hidden=64) == 128  # the byte budget dominates
+    assert slice_size(16384, 100, "cpu", teacher_hidden=4096) == 100  # never more than the chunk
     assert slice_size(16384, 1024, "cuda") == 1024  # one slice per chunk on GPUs
     assert default_chunk_size(152064, "cuda") >= 512
     assert default_chunk_size(10**9, "cpu") >= 1

@@ -26,16 +26,19 @@ from kdtool.lazy import torch
 #   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
 #     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
 #     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
-# * The *slice*: the rows the objective (and the teacher's output layer) sees at once inside a chunk,
-#   i.e. its few temporaries of [rows, V] (log-softmaxes, products, the logit gradient). On CPU 8 MiB
-#   slices (at least 32 rows) were fastest or within 6% of it at V = 16k, 32k and 152k (the slice sweep
-#   in benchmarks/chunk_cpu.md: 1–24 MiB at a 1,024-row chunk, H = 256): small enough to stay in
-#   cache, large enough for the teacher's matmul. On CUDA one slice = one chunk.
+# * The *slice*: the rows the objective (and a lazy teacher's output layer) sees at once inside a chunk,
+#   i.e. its few temporaries of [rows, V] (log-softmaxes, products, the logit gradient). On CPU: 8 MiB
+#   (at least 32 rows), and at least H_teacher / 4 rows, since each slice re-reads the teacher's
+#   [V, H_t] weight. From the slice sweeps (benchmarks/slice_cpu*.md, ``bench_chunk.py --slice-mib``):
+#   H_t = 512: 8 MiB fastest or within 1% at V = 16k and 32k; H_t = 64: 4–8 MiB equal, 2 MiB 1.28×
+#   slower; H_t = 1,024 at 16k: 256 rows (16 MiB) fastest, 128 rows 1.07×; H_t = 512 at 152k: 128 rows
+#   (74 MiB) 1.28× faster than 32 rows, at 1.9× the peak. On CUDA one slice = one chunk.
 CHUNK_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
 CHUNK_MIN_ROWS = {"cpu": 64, "cuda": 128}
 CPU_ROWS_PER_HIDDEN = 4
 CPU_SLICE_BYTES = 8 * 2**20
 CPU_SLICE_MIN_ROWS = 32
+CPU_SLICE_TEACHER_HIDDEN_PER_ROW = 4
 MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 8192
 
@@ -64,11 +67,18 @@ def default_chunk_size(
     return max(floor, min(wanted, budget_rows))
 
 
-def slice_size(vocab_size: int, chunk_size: int, device: torch.device | str = "cpu") -> int:
-    """Rows the objective sees at once inside a chunk (≤ ``chunk_size``); see the budgets above."""
+def slice_size(
+    vocab_size: int, chunk_size: int, device: torch.device | str = "cpu", teacher_hidden: int = 0
+) -> int:
+    """Rows the objective sees at once inside a chunk (≤ ``chunk_size``); see the budgets above.
+
+    ``teacher_hidden``: the hidden size of a lazy teacher, whose output layer runs once per slice
+    (0 for a dense, sparse or absent one): on CPU a slice has at least a quarter of it in rows.
+    """
     if torch.device(device).type != "cpu":
         return chunk_size
-    return min(chunk_size, rows_for(CPU_SLICE_BYTES, vocab_size, CPU_SLICE_MIN_ROWS))
+    by_bytes = rows_for(CPU_SLICE_BYTES, vocab_size, CPU_SLICE_MIN_ROWS)
+    return min(chunk_size, max(by_bytes, teacher_hidden // CPU_SLICE_TEACHER_HIDDEN_PER_ROW))
 
 
 def row_chunks(n: int, size: int) -> list[slice]:

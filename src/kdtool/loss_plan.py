@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kdtool.chunking import default_chunk_size, row_chunks, slice_size
 from kdtool.objective import Metrics, Objective, rows_of_stats
-from kdtool.teacher import TeacherSignal
+from kdtool.teacher import LazySignal, TeacherSignal
 
 
 @dataclass
@@ -77,10 +77,15 @@ def make_plan(
         labels,
         vocab_size,
         row_chunks(student_hidden.shape[0], chunk_size),
-        slice_size(vocab_size, chunk_size, student_hidden.device),
+        slice_size(vocab_size, chunk_size, student_hidden.device, teacher_hidden_size(teacher)),
     )
     plan.stats = {**_batch_stats(objective, teacher, labels, plan.chunks), **(extra_stats or {})}
     return plan
+
+
+def teacher_hidden_size(teacher: TeacherSignal) -> int:
+    """A lazy teacher's hidden size (its output layer runs per slice); 0 for any other signal."""
+    return teacher.hidden.shape[-1] if isinstance(teacher, LazySignal) else 0
 
 
 def _overrides_token_stats(objective: Objective) -> bool:
