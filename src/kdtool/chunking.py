@@ -14,15 +14,15 @@ from kdtool.lazy import torch
 #   the output-layer matmuls together (forward, and the contractions into d hidden and d weight, which
 #   re-read the [V, H] weight and gradient once per chunk).
 #   - CPU: rows = clamp(4 · H, 64, 8192), at most a 256 MiB block (but ≥ 64 rows), H the student's hidden
-#     size. From benchmarks/chunk_cpu.md (``python benchmarks/bench_chunk.py``: one fkl step of the output
-#     layers with a lazy teacher, glibc tuned as in a run (kdtool.allocator), 32–1,024-row chunks, fresh
-#     processes, the shared 2-core CPU): at H = 256 the fastest chunk was 1,024 rows at V = 16k and 32k
-#     and 512 at 152k (256 rows: 1.01×), and 64–256-row chunks were 13–50% slower at 16k and 32k; at
-#     H = 32 the step time is flat within the noise from 128 rows up (128 was fastest at 16k and 152k)
-#     while the peak grows with the chunk (152k: 366 MiB at 128 rows, 895 at 1,024). The wider the
-#     hidden state, the more rows a chunk needs to amortise the per-chunk [V, H] traffic, hence rows ∝ H;
-#     the 256 MiB cap keeps large-V chunks near the fastest (152k, H = 256: 432 rows) without the
-#     1,024-row block's 2× peak.
+#     size. From benchmarks/chunk_cpu.md and chunk_cpu_h32.md (``python benchmarks/bench_chunk.py``: one
+#     fkl step of the output layers with a lazy teacher, glibc tuned as in a run (kdtool.allocator),
+#     32–1,024-row chunks, fresh processes, the 2-core CPU, ±10–15% noise per row): at H = 256 the
+#     fastest chunk was 1,024 rows at V = 16k in every run, 1,024 / 512 / 512 at 32k and 512 / 1,024 /
+#     1,024 at 152k in three runs, with 64–128-row chunks 12–56% slower; at H = 32 128 rows was fastest
+#     or within 2% at 16k and 152k (1.14× at 32k) while the peak grows with the chunk (152k: 348 MiB at
+#     128 rows, 849 at 1,024). The wider the hidden state, the more rows a chunk needs to amortise the
+#     per-chunk [V, H] traffic, hence rows ∝ H; the 256 MiB cap bounds large-V chunks (152k, H = 256:
+#     432 rows, 1.15–1.24× the fastest there at 0.84× its peak).
 #   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
 #     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
 #     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
