@@ -24,6 +24,7 @@ from kdtool import alpaca, chat
 from kdtool.alpaca import DEFAULT_TEMPLATE, Template
 from kdtool.errors import UserError
 from kdtool.files import field_names, json_records
+from kdtool.sampling import pad_token_id
 from kdtool.targets import IGNORE_INDEX
 
 # The Alpaca template's names, defined in kdtool.alpaca; importers know them from here.
@@ -250,7 +251,7 @@ class TokenizedDataset:
             for ex in self.examples
         ]
         self.num_truncated = sum(item.truncated for item in self.items)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
 
     def __len__(self) -> int:
         return len(self.items)

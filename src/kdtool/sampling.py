@@ -75,6 +75,12 @@ class Rollout:
         return log_w.exp()
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (``load_tokenizer`` sets
+    pad = EOS; tokenizers built elsewhere may have neither set)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_pad(prompts: Sequence[Sequence[int] | Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token-id lists (or 1-D tensors) → left-padded ``input_ids`` and ``attention_mask`` ``[B, P]``."""
     rows = [torch.as_tensor(p, dtype=torch.long).flip(0) for p in prompts]

@@ -42,12 +42,13 @@ def answer_log_probs(
 ) -> list[float]:
     """log q(answer + EOS | prompt) for each (prompt, answer) pair, tokenized as in training."""
     from kdtool.data import Example, collate, encode_example
+    from kdtool.sampling import pad_token_id
 
     items = [
         encode_example(tokenizer, Example(p, a), max_length=10_000)
         for p, a in zip(prompts, answers, strict=True)
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(items), batch_size):

@@ -20,7 +20,7 @@ import torch
 
 from kdtool.chat import end_of_turn_ids
 from kdtool.errors import UserError
-from kdtool.sampling import left_pad
+from kdtool.sampling import left_pad, pad_token_id
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
@@ -165,7 +165,7 @@ def generate(
     from transformers import GenerationConfig
 
     stop_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     config = sampling.generation_config(stop_ids, pad_id)
     device = next(model.parameters()).device
     # Longest first: similar lengths share a batch (less padding), and a batch too big for memory fails early.
