@@ -20,12 +20,17 @@ def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)), per row: ``[N, V] -> [N]``."""
     p = log_p.exp()
     if not (torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad)):
-        # Nothing to differentiate (evaluation, closed-form gradients): the same values, in place.
-        return (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
+        return _kl_in_place(p, log_p, log_q)
     # Mask the difference itself, not the product: −inf − (−inf) = NaN would otherwise leak
     # into the backward pass through the product rule even when the forward value is masked.
     diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
     return (p * diff).sum(-1)
+
+
+def _kl_in_place(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``kl`` when nothing is differentiated (evaluation, closed-form gradients): the same values,
+    computed in place; ``p = exp(log_p)``."""
+    return (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
 
 
 def kl_and_logit_grad(log_p: Tensor, log_q: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -36,8 +41,8 @@ def kl_and_logit_grad(log_p: Tensor, log_q: Tensor, weight: float = 1.0) -> tupl
     kernel), so both the value and the gradient equal autograd's bit for bit.
     """
     with torch.no_grad():
-        divergence = kl(log_p, log_q)
         p = log_p.exp()
+        divergence = _kl_in_place(p, log_p, log_q)
         d_log_q = (p.mul_(weight) if weight != 1.0 else p).neg_()
         grad = torch._log_softmax_backward_data(d_log_q, log_q, -1, log_q.dtype)
     return divergence, grad
