@@ -61,10 +61,10 @@ def default_chunk_size(
     budget_rows = rows_for(CHUNK_BUDGET_BYTES[kind], vocab_size, floor)
     if kind != "cpu" or not hidden_size:
         return budget_rows
-    wanted = (
-        max(floor, min(MAX_CHUNK_ROWS, CPU_ROWS_PER_HIDDEN * hidden_size)) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS
-    )
-    return max(floor, min(wanted, budget_rows))
+    rows = min(
+        CPU_ROWS_PER_HIDDEN * hidden_size, budget_rows
+    )  # budget_rows: ≤ MAX_CHUNK_ROWS, a multiple of 16
+    return max(floor, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
 
 
 def slice_size(
