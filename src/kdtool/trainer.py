@@ -170,7 +170,6 @@ def train(
             "--teacher-device-map is for one process; under torchrun with several processes use --fsdp-teacher"
         )
     info, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
-    allocator.tune_for_training(device.type)  # before the models and the first step allocate
     try:
         return _train(cfg, resume, overwrite, console, info, device)
     finally:
@@ -199,6 +198,7 @@ def _train(
     run = Run(Path(cfg.output))
     resuming = decide_resume(cfg, run, resume, overwrite, console, info)
     main = info.is_main
+    cpu_allocator = allocator.tune_for_training(device.type)  # before the models and the first step allocate
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective, **cfg.objective_options)
     step = make_step(objective)
@@ -244,7 +244,7 @@ def _train(
         record = start_record(
             cfg, train_ds, eval_ds, report, steps, info, sharded, ctx.teacher_sharded, student
         )
-        run.log({**record, "cpu_allocator": allocator.tune_for_training(device.type)})
+        run.log({**record, "cpu_allocator": cpu_allocator})
     eval_every, eval_batches = cfg.eval_schedule(steps, held_out_batches(cfg, eval_ds))
     save_every = cfg.save_every or max(1, steps // 5)
     started = time.perf_counter() - state.elapsed  # `elapsed` (and `eval_time`) carry over a resume
