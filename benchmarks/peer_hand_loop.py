@@ -10,13 +10,13 @@ prompt template and the data are kdtool's (same tokens), batches in file order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peer_args import peer_parser  # benchmarks/, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdtool.data import format_prompt
@@ -44,13 +44,7 @@ def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--teacher", "--student", "--data", "--output"):
-        p.add_argument(name, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p = peer_parser(__doc__)
     args = p.parse_args()
     start = time.perf_counter()
     torch.manual_seed(42)

@@ -10,12 +10,12 @@ prompt) and the assistant turn (the response + EOS) gives TRL's collator the sam
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from datasets import Dataset
+from peer_args import peer_parser  # benchmarks/, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -28,13 +28,7 @@ CHAT_TEMPLATE = (
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--teacher", "--student", "--data", "--output"):
-        p.add_argument(name, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p = peer_parser(__doc__)
     args = p.parse_args()
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.student)

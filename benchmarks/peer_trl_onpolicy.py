@@ -62,13 +62,13 @@ to and including EOS) and writes it with the wall time to ``OUTPUT/trl_onpolicy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from peer_args import peer_parser  # benchmarks/, beside this script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DistillationConfig, DistillationTrainer
 
@@ -99,16 +99,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--teacher", "--student", "--data", "--output"):
-        p.add_argument(name, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=20)
+    p = peer_parser(__doc__)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     start = time.perf_counter()
