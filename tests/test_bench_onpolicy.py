@@ -5,33 +5,24 @@ Needs the optional ``bench`` extra (trl); skipped without it (CI installs only `
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 pytest.importorskip("trl")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 STEPS, NEW_TOKENS = 2, 8
-
-
-def load_bench_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", BENCH / "bench_peers.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_onpolicy_programs_sample_every_step(tiny_dir, tmp_path):
     """kdtool's on-policy jsd and TRL's DistillationTrainer, from ``bench_peers.onpolicy_commands``,
     each run 2 steps on the tiny pair and sample one response per prompt per step."""
-    bench_peers = load_bench_peers()
+    bench_peers = load_benchmark("bench_peers")
     data = tiny_dir / "data" / "train.jsonl"
     cmds = bench_peers.onpolicy_commands(
         tiny_dir / "teacher",

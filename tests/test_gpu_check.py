@@ -3,32 +3,22 @@ on CPU at small sizes, which checks the code paths, not the GPU numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import BENCHMARKS, load_benchmark
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_script_parses():
-    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], check=True)
 
 
 def test_engine_parity_runs_on_cpu():
-    lines = gpu_check().engine_parity(
+    lines = load_benchmark("gpu_check").engine_parity(
         torch.device("cpu"), vocab=300, rows=24, hidden=16, teacher_hidden=24, objectives=("fkl", "atkd")
     )
     rows = [line for line in lines if line.startswith("| fkl") or line.startswith("| atkd")]
@@ -39,7 +29,7 @@ def test_engine_parity_runs_on_cpu():
 
 
 def test_tiny_qwen2_and_rollout_check_run_on_cpu(tmp_path):
-    check = gpu_check()
+    check = load_benchmark("gpu_check")
     check.make_models(tmp_path, n_train=16, n_test=4)
     lines = check.rollout_logprobs(tmp_path, torch.device("cpu"), batch=2, max_new_tokens=4)
     assert any("max |Δ log q|" in line for line in lines)
@@ -48,7 +38,7 @@ def test_tiny_qwen2_and_rollout_check_run_on_cpu(tmp_path):
 def test_same_eval_ignores_timings_only(tmp_path):
     import json
 
-    check = gpu_check()
+    check = load_benchmark("gpu_check")
     a, b, c = (tmp_path / f"{n}.json" for n in "abc")
     a.write_text(json.dumps({"summary": {"rougeL": {"mean": 50.0}}, "per_seed": [{"wall_s": 1.0, "p": "x"}]}))
     b.write_text(json.dumps({"summary": {"rougeL": {"mean": 50.0}}, "per_seed": [{"wall_s": 2.0, "p": "x"}]}))
@@ -58,7 +48,7 @@ def test_same_eval_ignores_timings_only(tmp_path):
 
 
 def test_issue14_checks_run_on_cpu():
-    check = gpu_check()
+    check = load_benchmark("gpu_check")
     cpu = torch.device("cpu")
     rows = [line for line in check.cuda_vs_cpu(cpu, vocab=512, rows=16, hidden=8) if "| fp32 |" in line]
     assert len(rows) == 4
