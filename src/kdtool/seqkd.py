@@ -20,6 +20,7 @@ from kdtool.data import load_examples
 from kdtool.errors import UserError
 from kdtool.evaluation.generate import Sampling, generate, prompt_budget
 from kdtool.evaluation.rougel import encode_eval_prompts, load_for_eval, run_template
+from kdtool.files import replace_text
 
 
 def write_teacher_responses(
@@ -52,7 +53,6 @@ def write_teacher_responses(
         turns = [dict(m) for m in ex.messages[: chat.last_assistant(ex.messages)]]
         records.append({"messages": [*turns, {"role": "assistant", "content": answer}]})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    tmp.rename(out)  # a file that exists is complete
+    # a file that exists is complete
+    replace_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)

@@ -4,12 +4,11 @@ nothing after it can fail on a malformed field."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from kdtool.errors import UserError
-from kdtool.files import load_json
+from kdtool.files import load_json, replace_text
 
 FORMAT = "kdtool-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -20,10 +19,7 @@ TYPE_NAMES = {str: "a string", int: "an integer"}
 
 def write_manifest(root: Path, payload: dict[str, Any]) -> None:
     """Replace ``root/manifest.json`` atomically (a reader sees the old one or the new one)."""
-    path = root / MANIFEST
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_text(root / MANIFEST, json.dumps(payload, indent=2) + "\n")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
