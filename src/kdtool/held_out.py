@@ -33,10 +33,10 @@ def eval_probes(ctx: StepContext, objective: Objective[Any], cfg: DistillConfig)
         if objective.scores_references:
             # The objective's loss *is* one of the probes (fkl at its defaults): the same object, so
             # the engine computes it once (``token_loss_sums``); the value is the same either way.
-            same = [
+            same = (
                 p for p in probes.values() if type(p) is type(objective) and p.options == objective.options
-            ]
-            probes["loss"] = same[0] if same else objective
+            )
+            probes["loss"] = next(same, objective)
     elif ctx.teacher_cache is not None and not cfg.eval_data:
         probes["loss"] = objective  # the held-out split comes from --data, so the cache covers it
     return probes
