@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from kdtool import allocator
+
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
 
 # Page faults of 40 allocate-touch-free cycles of a 64 MiB tensor (above glibc's largest dynamic mmap
@@ -54,3 +56,113 @@ def test_cpu_runs_reuse_freed_blocks_instead_of_faulting_fresh_pages():
 
 def test_nothing_changes_off_cpu():
     assert probe("cuda")["applied"] == {}
+
+
+# Heap growth (VmHWM) over three rounds of an fkl-like slice loop: [128, V] temporaries made and freed,
+# with the small results of each slice kept (as the engine keeps loss parts and metric sums). Whether
+# the tcache's pieces pin the freed blocks depends on where the heap's top sits relative to PyTorch's
+# 64-byte alignment, so a 9 MiB + argv[1] bytes block taken from the top first sets that (per process
+# the outcome still varies: the tests try several).
+SLICES = """
+import ctypes, re, sys, torch
+from kdtool import allocator
+allocator.tune_for_training("cpu")
+torch.set_num_threads(1)
+ctypes.CDLL(None).malloc(9 * 2**20 + int(sys.argv[1]))
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 2**10
+w, wt = torch.randn(16384, 32), torch.randn(16384, 32)
+h, t = torch.randn(1024, 32), torch.randn(1024, 32)
+before, keep = hwm(), []
+for _ in range(3):
+    for r in range(0, 1024, 128):
+        z = h[r : r + 128] @ w.t()
+        log_q = torch.log_softmax(z, -1)
+        log_p = torch.log_softmax(t[r : r + 128] @ wt.t(), -1)
+        p = log_p.exp()
+        keep.append((log_p - log_q).masked_fill_(p == 0, 0).mul_(p).sum(-1))
+        z.copy_(torch._log_softmax_backward_data(p.neg_(), log_q, -1, log_q.dtype))
+        keep.append(z.sum())
+        del z, log_q, log_p, p
+print(hwm() - before)
+"""
+SHIFTS = (16, 32, 48, 64, 80, 16, 32, 48)
+
+
+def heap_growth(shift: int, **env: str) -> float:
+    """MiB the RSS high-water mark rose by in ``SLICES`` (about 50 MiB are alive at once)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SLICES, str(shift)], capture_output=True, text=True, check=True,
+        env={**os.environ, **env}, timeout=120,
+    )  # fmt: skip
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="GLIBC_TUNABLES is glibc's")
+def test_without_the_tcache_freed_blocks_merge_and_the_heap_stays_near_the_live_set():
+    off = [heap_growth(shift, GLIBC_TUNABLES=allocator.TCACHE_OFF) for shift in SHIFTS[:3]]
+    assert max(off) < 130, off  # ~50 MiB alive at once: the heap reuses its freed blocks, every time
+    # With glibc's default tcache (7 per size) the heap grows by most of each slice's temporaries in
+    # most processes (here 60-100% of them per shift): one of up to eight must show it.
+    cached = []
+    for shift in SHIFTS:
+        cached.append(heap_growth(shift, GLIBC_TUNABLES="glibc.malloc.tcache_count=7"))
+        if cached[-1] > 2.5 * max(off):
+            break
+    assert cached[-1] > 2.5 * max(off), (cached, off)
+
+
+def test_start_record_lists_the_tcache_only_when_it_is_off():
+    if not GLIBC:
+        assert probe("cpu", GLIBC_TUNABLES=allocator.TCACHE_OFF)["applied"] == {}
+        return
+    assert probe("cpu", GLIBC_TUNABLES=allocator.TCACHE_OFF)["applied"]["tcache_count"] == 0
+    assert "tcache_count" not in probe("cpu", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")["applied"]
+
+
+ARGS = ["/venv/bin/python", "/venv/bin/kdtool", "distill", "--teacher", "t", "--output", "eval"]
+
+
+@pytest.mark.skipif(not GLIBC, reason="the re-execution happens on glibc only")
+def test_model_commands_reexecute_once_with_the_tcache_off():
+    argv, env = allocator.exec_args(ARGS, "/usr/bin/python3", {"PATH": "/bin"})
+    assert argv == ["/usr/bin/python3", *ARGS[1:]]  # same script and arguments, this interpreter
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
+    assert allocator.exec_args(ARGS, "/usr/bin/python3", env) is None  # once: the child runs as it is
+    # the user's other tunables are kept, theirs come first
+    _, env = allocator.exec_args(ARGS, "py", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0"
+    assert allocator.tcache_off(env)
+    for command in (
+        ["eval", "rougel"],
+        ["compare"],
+        ["demo"],
+        ["generate"],
+        ["cache-logits"],
+        ["--debug", "demo"],
+    ):
+        assert allocator.exec_args(["python", "-m", "kdtool", *command], "py", {}) is not None, command
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["kdtool", "--help"], {}),
+        (["kdtool", "distill", "--help"], {}),
+        (["kdtool", "objectives"], {}),
+        (["kdtool"], {}),
+        (ARGS, {"KDTOOL_CPU_ALLOCATOR": "system"}),
+        (ARGS, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3"}),  # the user's own setting stands
+    ],
+)
+def test_no_reexecution_where_it_is_not_needed_or_not_wanted(argv, env):
+    assert allocator.exec_args(argv, "/usr/bin/python3", env) is None
+    assert not allocator.tcache_off(env)
+
+
+def test_tcache_off_reads_the_last_setting():
+    assert allocator.tcache_off({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    assert not allocator.tcache_off(
+        {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.tcache_count=7"}
+    )
+    assert not allocator.tcache_off({})

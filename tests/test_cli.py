@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
+
+GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
 
 
 def kdtool(*args, cwd=None):
@@ -124,6 +127,9 @@ def test_distill_cli_end_to_end_with_config_file(tiny_dir, tmp_path):
     assert saved["objective"] == "fkl" and saved["max_steps"] == 2 and saved["batch_size"] == 4
     assert saved["objective_options"] == {"temperature": 2.0, "ce_weight": 0.5}
     assert json.loads((out / "kdtool.json").read_text())["steps"] == 2
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    if GLIBC and "GLIBC_TUNABLES" not in os.environ:  # the console script re-executed itself once
+        assert start["cpu_allocator"]["tcache_count"] == 0
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(
         r"student written to .+ \(wall [\d.]+ s, of which evaluation [\d.]+ s \([\d.]+%\)\)", last
