@@ -164,8 +164,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    from kdtool.allocator import environ_without_tcache
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # glibc's tcache off from the start, as the `kdtool` console script runs (kdtool.allocator)
+    env = dict(os.environ) if cfg.get("system_allocator") else environ_without_tcache(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child failed for {cfg}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

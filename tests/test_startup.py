@@ -138,14 +138,15 @@ def test_distill_says_what_it_waits_for_on_a_terminal(tiny_dir, tmp_path):
 
 
 def test_console_script_skips_the_exit_time_collection(tmp_path):
-    """``kdtool`` (``kdtool.cli:run``, also ``python -m kdtool``) freezes the heap before the
-    interpreter exits, so shutdown does not garbage-collect torch's and transformers' objects;
-    ``main`` (called in-process by tests and embedding programs) does not."""
+    """``kdtool`` (``kdtool.launch:run`` → ``kdtool.cli.run``, also ``python -m kdtool``) freezes the
+    heap before the interpreter exits, so shutdown does not garbage-collect torch's and transformers'
+    objects; ``main`` (called in-process by tests and embedding programs) does not."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["kdtool"] == "kdtool.cli:run"
-    assert "run()" in (ROOT / "src" / "kdtool" / "__main__.py").read_text()
+    assert project["project"]["scripts"]["kdtool"] == "kdtool.launch:run"
+    assert "from kdtool.launch import run" in (ROOT / "src" / "kdtool" / "__main__.py").read_text()
+    assert "cli_run()" in (ROOT / "src" / "kdtool" / "launch.py").read_text()
     code = (
         "import atexit, gc, sys\n"
         "out, entry, sys.argv = sys.argv[1], sys.argv[2], ['kdtool', 'objectives']\n"
@@ -162,3 +163,33 @@ def test_console_script_skips_the_exit_time_collection(tmp_path):
         assert proc.returncode == 0, proc.stderr
         counts[entry] = int(out.read_text())
     assert counts["run"] > 0 and counts["main"] == 0
+
+
+def test_the_launcher_imports_only_the_standard_library():
+    """``kdtool.launch`` may re-execute the process (``kdtool.allocator``) before the CLI starts:
+    what it imports first is paid twice, so it is the standard library and kdtool's allocator only."""
+    code = (
+        "import sys; before = set(sys.modules); import kdtool.launch, kdtool.allocator; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.strip().replace("'", '"')))
+    assert loaded - set(sys.stdlib_module_names) == {"kdtool"}, loaded
+
+
+def test_the_package_exports_its_names_on_first_use():
+    code = (
+        "import sys, kdtool; lazy = 'pydantic' not in sys.modules; "
+        "from kdtool import IGNORE_INDEX, Objective, get_objective; "
+        "print(lazy, IGNORE_INDEX, issubclass(type(get_objective('fkl')), Objective))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "-100", "True"]
+    import kdtool
+
+    assert set(kdtool.__all__) == {"__version__", *kdtool._EXPORTS}
+    assert all(getattr(kdtool, name) is not None for name in kdtool.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kdtool.nope  # noqa: B018

@@ -1,3 +1,3 @@
-from kdtool.cli import run
+from kdtool.launch import run
 
 run()

@@ -85,9 +85,14 @@ def exec_args(
     words = [a for a in orig_argv[1:] if not a.startswith("-")]
     if "--help" in orig_argv or "-h" in orig_argv or not MODEL_COMMANDS.intersection(words):
         return None
+    return [executable, *orig_argv[1:]], environ_without_tcache(env)
+
+
+def environ_without_tcache(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with ``GLIBC_TUNABLES`` switching the tcache off (after the user's own tunables):
+    for a process started from here that should allocate as ``kdtool distill`` does."""
     current = env.get(TUNABLES, "")
-    tunables = f"{current}:{TCACHE_OFF}" if current else TCACHE_OFF
-    return [executable, *orig_argv[1:]], {**env, TUNABLES: tunables}
+    return {**env, TUNABLES: f"{current}:{TCACHE_OFF}" if current else TCACHE_OFF}
 
 
 def reexec_without_tcache() -> None:

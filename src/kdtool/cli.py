@@ -264,13 +264,8 @@ def run() -> None:
     on the 2-core CPU after a distillation. Nothing of kdtool's waits for it (files are closed and
     trackers finished before ``main`` returns), so the objects are frozen out of that collection.
     ``main`` itself, which tests and embedding programs call, leaves the collector alone.
-
-    First, for the commands that load models, the process re-executes itself once with glibc's
-    per-thread malloc cache off (``kdtool.allocator``: it only takes effect at start-up).
+    (The console script is ``kdtool.launch.run``: glibc's start-up settings, then this.)
     """
-    from kdtool import allocator
-
-    allocator.reexec_without_tcache()
     try:
         main()
     finally:
