@@ -284,17 +284,17 @@ def test_gradient_scaled_by_upstream_gradient():
 @pytest.mark.parametrize(
     ("vocab", "device", "hidden", "rows"),
     [
-        # CPU: 4 · H rows, at least 64, at most one 256 MiB fp32 block (benchmarks/chunk_cpu.md)
+        # CPU: 4 · H rows, at least 64, at most one 1 GiB fp32 block (benchmarks/chunk_cpu.md)
         (16384, "cpu", 32, 128),
         (16384, "cpu", 256, 1024),
         (32768, "cpu", 256, 1024),
         (151936, "cpu", 32, 128),
-        (151936, "cpu", 256, 432),
-        (151936, "cpu", 896, 432),
+        (151936, "cpu", 256, 1024),
+        (151936, "cpu", 896, 1760),  # the budget
         (16384, "cpu", 8, 64),  # the floor
-        (16384, "cpu", 10**6, 4096),  # the budget
+        (16384, "cpu", 10**6, 8192),  # the row cap
         (10**9, "cpu", 256, 64),
-        (16384, "cpu", None, 4096),  # hidden size unknown: the budget's rows
+        (16384, "cpu", None, 8192),  # hidden size unknown: the budget's rows (here the row cap)
         # CUDA: 512 MiB, at least 128 rows, at most 8192; the hidden size does not enter
         (16384, "cuda", 896, 8192),
         (151936, "cuda", 896, 880),
@@ -342,7 +342,7 @@ def test_default_sizes_follow_the_budgets():
     assert slice_size(151936, 1024, "cpu") == kdtool.chunking.CPU_SLICE_MIN_ROWS
     # a lazy teacher's output layer runs per slice: at least H_teacher / 4 rows (benchmarks/slice_cpu*.md)
     assert slice_size(16384, 2048, "cpu", teacher_hidden=1024) == 256
-    assert slice_size(151936, 432, "cpu", teacher_hidden=512) == 128
+    assert slice_size(151936, 1024, "cpu", teacher_hidden=512) == 128
     assert slice_size(16384, 1024, "cpu", teacher_hidden=64) == 128  # the byte budget dominates
     assert slice_size(16384, 100, "cpu", teacher_hidden=4096) == 100  # never more than the chunk
     assert slice_size(16384, 1024, "cuda") == 1024  # one slice per chunk on GPUs

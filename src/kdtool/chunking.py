@@ -13,16 +13,17 @@ from kdtool.lazy import torch
 # * The *chunk* (``default_chunk_size``): the rows whose student logits exist at once and go through
 #   the output-layer matmuls together (forward, and the contractions into d hidden and d weight, which
 #   re-read the [V, H] weight and gradient once per chunk).
-#   - CPU: rows = clamp(4 · H, 64, 8192), at most a 256 MiB block (but ≥ 64 rows), H the student's hidden
+#   - CPU: rows = clamp(4 · H, 64, 8192), at most a 1 GiB block (but ≥ 64 rows), H the student's hidden
 #     size. From benchmarks/chunk_cpu.md and chunk_cpu_h32.md (``python benchmarks/bench_chunk.py``: one
-#     fkl step of the output layers with a lazy teacher, glibc tuned as in a run (kdtool.allocator),
-#     32–1,024-row chunks, fresh processes, the 2-core CPU, ±10–15% noise per row): at H = 256 the
-#     fastest chunk was 1,024 rows at V = 16k in every run, 1,024 / 512 / 512 at 32k and 512 / 1,024 /
-#     1,024 at 152k in three runs, with 64–128-row chunks 12–56% slower; at H = 32 128 rows was fastest
-#     or within 2% at 16k and 152k (1.14× at 32k) while the peak grows with the chunk (152k: 348 MiB at
-#     128 rows, 849 at 1,024). The wider the hidden state, the more rows a chunk needs to amortise the
-#     per-chunk [V, H] traffic, hence rows ∝ H; the 256 MiB cap bounds large-V chunks (152k, H = 256:
-#     432 rows, 1.15–1.24× the fastest there at 0.84× its peak).
+#     fkl step of the output layers with a lazy teacher, glibc set as in a run (kdtool.allocator, tcache
+#     off), 32–1,024-row chunks, 2 fresh processes each, the 2-core CPU, ±10–15% noise per row): at
+#     H = 256 the 1,024-row chunk was the fastest at V = 16k, 32k and 152k; at H = 32 128 rows were the
+#     fastest at 16k (two sweeps), 1.02× / 1.10× the fastest (256 rows) at 152k and 1.14× / 1.19× at 32k
+#     (256–512 rows fastest), while the peak grows with the chunk (152k, H = 32: 267 MiB at 128 rows, 774
+#     at 1,024). The wider the hidden state, the more rows a chunk needs to amortise the per-chunk [V, H]
+#     traffic, hence rows ∝ H. The 1 GiB cap binds only past the measured range (152k: H > 441) and bounds
+#     a wide student's blocks; an earlier 256 MiB cap made 152k, H = 256 take 432-row chunks, 1.15–1.24×
+#     the fastest.
 #   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
 #     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
 #     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
@@ -33,7 +34,7 @@ from kdtool.lazy import torch
 #   H_t = 512: 8 MiB fastest or within 1% at V = 16k and 32k; H_t = 64: 4–8 MiB equal, 2 MiB 1.28×
 #   slower; H_t = 1,024 at 16k: 256 rows (16 MiB) fastest, 128 rows 1.07×; H_t = 512 at 152k: 128 rows
 #   (74 MiB) 1.28× faster than 32 rows, at 1.9× the peak. On CUDA one slice = one chunk.
-CHUNK_BUDGET_BYTES = {"cpu": 256 * 2**20, "cuda": 512 * 2**20}
+CHUNK_BUDGET_BYTES = {"cpu": 2**30, "cuda": 512 * 2**20}
 CHUNK_MIN_ROWS = {"cpu": 64, "cuda": 128}
 CPU_ROWS_PER_HIDDEN = 4
 CPU_SLICE_BYTES = 8 * 2**20
