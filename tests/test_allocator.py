@@ -174,3 +174,16 @@ def test_tcache_off_reads_the_last_setting():
         {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.tcache_count=7"}
     )
     assert not allocator.tcache_off({})
+
+
+def test_a_failed_reexecution_leaves_the_process_running(monkeypatch):
+    calls = []
+
+    def fail(*args):
+        calls.append(args)
+        raise PermissionError("not executable")
+
+    monkeypatch.setattr(allocator, "exec_args", lambda *a: (["/no/python", "distill"], {"A": "1"}))
+    monkeypatch.setattr(allocator.os, "execve", fail)
+    allocator.reexec_without_tcache()  # returns: the command runs without the setting
+    assert calls == [("/no/python", ["/no/python", "distill"], {"A": "1"})]

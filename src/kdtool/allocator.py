@@ -33,6 +33,7 @@ variable themselves; ``KDTOOL_CPU_ALLOCATOR=system`` turns this off too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -97,13 +98,15 @@ def environ_without_tcache(env: Mapping[str, str]) -> dict[str, str]:
 
 def reexec_without_tcache() -> None:
     """Replace this process by itself with glibc's tcache off when ``exec_args`` says so (same pid,
-    arguments, environment otherwise): the ``kdtool`` console script's first act."""
+    arguments, environment otherwise): the ``kdtool`` console script's first act. If the interpreter
+    cannot be executed again, this process goes on as it is (glibc's defaults for the tcache)."""
     args = exec_args(sys.orig_argv, sys.executable, os.environ)
     if args is not None:
         argv, env = args
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(argv[0], argv, env)
+        with contextlib.suppress(OSError):
+            os.execve(argv[0], argv, env)
 
 
 def _glibc() -> ctypes.CDLL | None:
