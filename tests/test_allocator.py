@@ -11,7 +11,7 @@ import pytest
 
 from kdtool import allocator
 
-GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+GLIBC = allocator.is_glibc()
 
 # Page faults of 40 allocate-touch-free cycles of a 64 MiB tensor (above glibc's largest dynamic mmap
 # threshold, so by default each one is a fresh mmap whose 16,384 pages fault in), after `tune`.

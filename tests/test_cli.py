@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+from kdtool import allocator
+
+GLIBC = allocator.is_glibc()
 
 
 def kdtool(*args, cwd=None):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
@@ -55,15 +54,14 @@ TCACHE_OFF = "glibc.malloc.tcache_count=0"
 MODEL_COMMANDS = frozenset({"distill", "eval", "compare", "generate", "demo", "cache-logits"})
 
 
-def _is_glibc() -> bool:
-    return sys.platform.startswith("linux") and _libc_version() is not None
-
-
-def _libc_version() -> str | None:
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (Linux; not musl): the settings here are glibc's."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION")
-    except (ValueError, OSError):
-        return None
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):  # musl and others do not know the name
+        return False
 
 
 def tcache_off(env: Mapping[str, str]) -> bool:
@@ -79,7 +77,7 @@ def exec_args(
     ``None`` when it should run as it is: not glibc, ``KDTOOL_CPU_ALLOCATOR=system``, a tcache
     setting already in ``GLIBC_TUNABLES`` (the user's, or ours after the re-execution), no command
     that loads models, or a ``--help``. Other tunables the user set are kept."""
-    if not executable or env.get(ENV, "").lower() == "system" or not _is_glibc():
+    if not executable or env.get(ENV, "").lower() == "system" or not is_glibc():
         return None
     if "tcache_count=" in env.get(TUNABLES, ""):
         return None
@@ -110,15 +108,13 @@ def reexec_without_tcache() -> None:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
+    """The process's own symbols (``mallopt`` among them) on glibc, else ``None``."""
+    if not is_glibc():
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        return ctypes.CDLL(None)  # the libc this process already runs on: nothing to search for
     except OSError:
         return None
-    # musl and others have no gnu_get_libc_version and no glibc mallopt parameters
-    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def tune_for_training(device_type: str) -> dict[str, int]:
