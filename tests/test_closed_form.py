@@ -133,3 +133,34 @@ def test_fused_engine_uses_the_closed_form_and_equals_the_plain_engine(monkeypat
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_kl_without_autograd_masks_rows_only_where_needed():
+    """``kl`` without autograd skips the p = 0 mask unless a row comes out NaN (CPU): dense rows
+    mixed with rows the mask matters for give autograd's values bit for bit, and each row's value
+    is the slow float64 sum over the teacher's support."""
+    from kdtool.divergence import kl
+
+    g = torch.Generator().manual_seed(3)
+    log_p = torch.log_softmax(torch.randn(6, V, generator=g) * 3, -1)
+    log_q = torch.log_softmax(torch.randn(6, V, generator=g) * 3, -1)
+    log_p[1, ::3] = float("-inf")  # teacher zeros: 0 · ∞ without the mask
+    log_p[1] -= torch.logsumexp(log_p[1], -1)
+    log_q[2, 5] = float("-inf")  # the student misses a teacher token: KL = +inf
+    log_p[3] = torch.log_softmax(torch.randn(V, generator=g) * 200, -1)  # p underflows to 0, finite logs
+    log_p[4, 7] = float("nan")  # a NaN stays NaN
+    cases = {"dense only": [0, 3, 5], "mixed": list(range(6))}
+    for rows in cases.values():
+        a, b = log_p[rows], log_q[rows]
+        with torch.no_grad():
+            fast = kl(a, b)
+        masked = kl(a.clone().requires_grad_(True), b).detach()  # the autograd path: always masked
+        torch.testing.assert_close(fast, masked, rtol=0, atol=0, equal_nan=True)
+        for i, r in enumerate(rows):
+            on = a[i].exp() > 0
+            ref = (a[i].double().exp()[on] * (a[i].double()[on] - b[i].double()[on])).sum()
+            if r == 4:
+                assert fast[i].isnan()
+            else:
+                torch.testing.assert_close(fast[i].double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.isinf(kl(log_p[[2]], log_q[[2]])).all() and (log_p[3].exp() == 0).any()

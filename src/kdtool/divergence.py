@@ -29,8 +29,19 @@ def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 def _kl_in_place(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """``kl`` when nothing is differentiated (evaluation, closed-form gradients): the same values,
-    computed in place; ``p = exp(log_p)``."""
-    return (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
+    bit for bit, computed in place; ``p = exp(log_p)``.
+
+    Where p = 0 the term p · (log p − log q) is 0 unless the difference is infinite (a masked or
+    sparse teacher: 0 · ∞ = NaN). On CPU the mask is applied only when some row came out NaN: the
+    ``[N, V]`` comparison and fill took two thirds of this function's time on a dense teacher
+    (2.5 vs 8.1 ms at [256, 16k]). Elsewhere it is always applied, which needs no host sync.
+    """
+    terms = (log_p - log_q).mul_(p)  # [N, V]
+    if p.device.type == "cpu":
+        divergence = terms.sum(-1)
+        if not divergence.isnan().any():
+            return divergence
+    return torch.where(p == 0, 0.0, terms).sum(-1)
 
 
 def kl_and_logit_grad(log_p: Tensor, log_q: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
