@@ -23,9 +23,9 @@ from kdtool.context import StepContext
 from kdtool.errors import UserError
 from kdtool.rollout_spec import RolloutSettings
 from kdtool.sampling import Rollout, left_pad, sample
+from kdtool.streams import Batch, LoaderStream
 from kdtool.targets import IGNORE_INDEX
 
-Batch = dict[str, Tensor]
 # Rollout → (per-token tensors {name: [B, T]}, per-sequence tensors {name: [B]}).
 RolloutTensors = Callable[[Rollout], tuple[dict[str, Tensor], dict[str, Tensor]]]
 
@@ -212,21 +212,19 @@ class RolloutStream:
         finish: Callable[[dict[str, list[Tensor]]], None] | None = None,
         aux: Any | None = None,
     ):
-        self.prompts, self.ctx, self.settings, self.tensors = prompts, ctx, settings, tensors
-        self.finish, self.aux = finish, aux
+        self.ctx, self.settings, self.tensors, self.finish = ctx, settings, tensors, finish
+        # The loaders' batches, epoch after epoch (the saved state keeps the loaders' own layout).
+        self.prompts = LoaderStream(prompts)
+        self.aux = LoaderStream(aux) if aux is not None else None
         self.shuffle = torch.Generator().manual_seed(ctx.settings.seed + 7919 * (1 + ctx.dist.rank))
         self.buffer, self.plan, self.cursor = Buffer(), [], 0
-        self._prompt_batches: Iterator[Batch] | None = None
-        self._aux_batches: Iterator[Batch] | None = None
 
     def __iter__(self) -> RolloutStream:
         return self
 
     def __next__(self) -> Batch:
-        if self._prompt_batches is None:
-            self._prompt_batches = iter(self.prompts)
         if self.cursor >= len(self.plan):
-            self.buffer = collect(self._prompt_batches, self.ctx, self.settings, self.tensors)
+            self.buffer = collect(self.prompts, self.ctx, self.settings, self.tensors)
             if self.finish is not None:
                 self.finish(self.buffer.tokens)
             size = self.settings.mini_batch_size
@@ -236,27 +234,24 @@ class RolloutStream:
             )
         batch = collate(self.buffer, self.plan[self.cursor], self.ctx.pad_id)
         if self.aux is not None:
-            if self._aux_batches is None:
-                self._aux_batches = iter(self.aux)
-            batch.update({f"aux_{k}": v for k, v in next(self._aux_batches).items()})
+            batch.update({f"aux_{k}": v for k, v in next(self.aux).items()})
         self.cursor += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "loader": self.prompts.state_dict(),
+            "loader": self.prompts.state_dict()["loader"],
             "buffer": self.buffer.state(),
             "plan": [list(rows) for rows in self.plan],
             "cursor": self.cursor,
             "shuffle": self.shuffle.get_state(),
-            "aux": self.aux.state_dict() if self.aux is not None else None,
+            "aux": self.aux.state_dict()["loader"] if self.aux is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompts.load_state_dict(state["loader"])
+        self.prompts.load_state_dict({"loader": state["loader"]})
         self.buffer = Buffer.from_state(state["buffer"])
         self.plan, self.cursor = [list(rows) for rows in state["plan"]], int(state["cursor"])
         self.shuffle.set_state(state["shuffle"])
         if self.aux is not None and state.get("aux") is not None:
-            self.aux.load_state_dict(state["aux"])
-        self._prompt_batches = self._aux_batches = None
+            self.aux.load_state_dict({"loader": state["aux"]})
