@@ -56,15 +56,30 @@ def measure(
     for _ in range(args.rounds):
         for i, variant in enumerate(variants):
             raw[i].append(run_child({**base, **variant}))
-    return [
+    res = [
         {
             **variant,
             "peak_mib": statistics.median(r["peak_bytes"] for r in rs) / 2**20,
-            "wall_s": statistics.median(t for r in rs for t in r["times"]),
-            "cpu_s": statistics.median(t for r in rs for t in r["cpu_times"]),
+            "wall_s": _median([t for r in rs for t in r["times"]]),
+            "cpu_s": _median([t for r in rs for t in r["cpu_times"]]),
         }
         for variant, rs in zip(variants, raw, strict=True)
     ]
+    if args.paired_rounds and "slice_mib" not in variants[0]:
+        # The time columns from one process that steps every chunk size in turn (see bench_memory).
+        chunks = [int(v["chunk_size"]) for v in variants]
+        paired = run_child(
+            {**base, "chunk_size": chunks[0], "interleave": chunks, "interleave_rounds": args.paired_rounds}
+        )
+        for r, c in zip(res, chunks, strict=True):
+            r["fresh_wall_s"], r["fresh_cpu_s"] = r["wall_s"], r["cpu_s"]
+            r["wall_s"] = statistics.median(paired["times"][str(c)])
+            r["cpu_s"] = statistics.median(paired["cpu_times"][str(c)])
+    return res
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def table(
@@ -139,6 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="Timed steps per subprocess (after 2 untimed).")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default).")
     p.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="Time the chunk sizes of each V in one more process, one step of each in turn for this many "
+        "rounds; the time columns then come from it (the fresh processes still give the peaks).",
+    )
+    p.add_argument(
         "--slice-mib",
         default="",
         help="Comma-separated CPU slice sizes (MiB of one fp32 [rows, V] block) to sweep at one chunk size "
@@ -200,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         "max_memory_allocated above the allocation before it (CUDA); × least / × best: against the "
         "row with the least peak / the shortest wall time at that V.",
     ]
+    if args.paired_rounds:
+        header[-1] += (
+            f" Step times: one more process per V that steps every chunk size in turn, {args.paired_rounds} "
+            "rounds after 2 untimed (medians; the machine's drift hits every size alike)."
+        )
     saved = {"header": header, "sections": results}
     out.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n")
     out.write_text(render(saved, args.device))

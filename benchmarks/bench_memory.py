@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     head = student_head if mode != "checkpoint" else (lambda x: student_head(x))  # opaque → checkpoint
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def step() -> None:
+    def step(chunk: int | None = chunk) -> None:
         student_head.weight.grad = None
         hidden.grad = None
         with autocast:
@@ -132,6 +133,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    if cfg.get("interleave"):
+        return _interleaved(step, sync, cfg["interleave"], cfg["interleave_rounds"])
     # Warm-up step first: it pages in the kernels' code, which would otherwise count as the step's
     # memory. Then freed heap is returned and the RSS high-water mark reset to the current RSS
     # (Linux), so ru_maxrss after the next step is that step's own peak.
@@ -158,6 +161,29 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     return {"peak_bytes": peak, "times": times, "cpu_times": cpu_times, "tokens": int(labels.numel())}
+
+
+def _interleaved(
+    step: Callable[[int], None], sync: Callable[[], None], chunks: list[int], rounds: int
+) -> dict[str, Any]:
+    """Step times of several chunk sizes in one process, one step of each in turn (the order rotated
+    every round), so that the machine's drift hits them alike: the time column's paired form. Two
+    untimed rounds first. No memory figure: one process's high-water mark covers every size."""
+    times: dict[int, list[float]] = {c: [] for c in chunks}
+    cpu_times: dict[int, list[float]] = {c: [] for c in chunks}
+    for r in range(rounds + 2):
+        k = r % len(chunks)
+        for chunk in chunks[k:] + chunks[:k]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(chunk)
+            sync()
+            if r >= 2:
+                times[chunk].append(time.perf_counter() - t0)
+                cpu_times[chunk].append(time.process_time() - c0)
+    return {
+        "times": {str(c): t for c, t in times.items()},
+        "cpu_times": {str(c): t for c, t in cpu_times.items()},
+    }
 
 
 # --------------------------------------------------------------------------- parent process
