@@ -41,7 +41,7 @@ bench: $(STAMP)
 
 # Step time and peak memory against the engine's chunk size (V = 16k, 32k, 152k) -> benchmarks/chunk_cpu.md
 bench-chunk: $(STAMP)
-	$(PY) benchmarks/bench_chunk.py
+	$(PY) benchmarks/bench_chunk.py --chunk-sizes 128,256,512,1024,2048 --rounds 2 --repeats 0
 
 # Whole runs: kdtool distill vs a hand-written loop (and TRL's GKDTrainer when `trl` is installed,
 # `pip install -e ".[bench]"`) -> benchmarks/peers_cpu.md; needs ../shared/data (skips without it)

@@ -5,11 +5,13 @@ student's output layer on its final hidden states, a lazy teacher (hidden states
 logits built per chunk, as the trainer hands it over), the fkl loss, and the backward into the
 hidden states and the head's weight. The trunks do not depend on the chunk size, so they are left
 out. Each (V, chunk) pair runs in a fresh subprocess (``bench_memory.worker``: the same warm-up,
-``malloc_trim`` and RSS high-water reset); the chunk sizes of one V are interleaved over rounds so
-that load from other processes hits them alike. The default row of each V is what
-``kdtool.chunking.default_chunk_size`` gives.
+``malloc_trim`` and RSS high-water reset) for its peak; the chunk sizes of one V are interleaved over
+rounds so that load from other processes hits them alike. The step times come from one more process
+per V that steps every chunk size in turn (``--paired-rounds``): on the 2-core CPU the same step took
+0.113–0.174 s in different processes (chunk_cpu_h32_rechecks.md), more than the chunk sizes differ,
+while ratios within a process hold to ±5–10%. The default row of each V is what ``kdtool.chunking.default_chunk_size`` gives.
 
-    python benchmarks/bench_chunk.py                     # CPU: V = 16k, 32k, 152k -> benchmarks/chunk_cpu.md
+    python benchmarks/bench_chunk.py --rounds 2 --repeats 0   # CPU: V = 16k, 32k, 152k -> benchmarks/chunk_cpu.md
     python benchmarks/bench_chunk.py --device cuda --rows 8192 --hidden 896 --teacher-hidden 1536 \\
         --chunk-sizes 256,512,1024,2048,4096 --output benchmarks/chunk_cuda.md
 """
@@ -156,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--paired-rounds",
         type=int,
-        default=0,
+        default=12,
         help="Time the chunk sizes of each V in one more process, one step of each in turn for this many "
-        "rounds; the time columns then come from it (the fresh processes still give the peaks).",
+        "rounds; the time columns then come from it (the fresh processes still give the peaks). 0: time "
+        "in the fresh processes (--repeats steps each).",
     )
     p.add_argument(
         "--slice-mib",

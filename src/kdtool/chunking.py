@@ -14,16 +14,20 @@ from kdtool.lazy import torch
 #   the output-layer matmuls together (forward, and the contractions into d hidden and d weight, which
 #   re-read the [V, H] weight and gradient once per chunk).
 #   - CPU: rows = clamp(4 · H, 64, 8192), at most a 1 GiB block (but ≥ 64 rows), H the student's hidden
-#     size. From benchmarks/chunk_cpu.md and chunk_cpu_h32.md (``python benchmarks/bench_chunk.py``: one
-#     fkl step of the output layers with a lazy teacher, glibc set as in a run (kdtool.allocator, tcache
-#     off), 32–1,024-row chunks, 2 fresh processes each, the 2-core CPU, ±10–15% noise per row): at
-#     H = 256 the 1,024-row chunk was the fastest at V = 16k, 32k and 152k; at H = 32 128 rows were the
-#     fastest at 16k (two sweeps), 1.02× / 1.10× the fastest (256 rows) at 152k and 1.14× / 1.19× at 32k
-#     (256–512 rows fastest), while the peak grows with the chunk (152k, H = 32: 267 MiB at 128 rows, 774
-#     at 1,024). The wider the hidden state, the more rows a chunk needs to amortise the per-chunk [V, H]
-#     traffic, hence rows ∝ H. The 1 GiB cap binds only past the measured range (152k: H > 441) and bounds
-#     a wide student's blocks; an earlier 256 MiB cap made 152k, H = 256 take 432-row chunks, 1.15–1.24×
-#     the fastest.
+#     size. From benchmarks/chunk_cpu.md, chunk_cpu_h32.md and chunk_cpu_h32_rechecks.md
+#     (``python benchmarks/bench_chunk.py``: one fkl step of the output layers with a lazy teacher, glibc
+#     set as in a run (kdtool.allocator, tcache off); peaks from 2 fresh processes per chunk size, step
+#     times from one process stepping every size in turn, since the same step took 0.113–0.174 s in
+#     different processes on the 2-core CPU): at H = 256 the 1,024-row default was the fastest chunk
+#     at V = 32k and 152k and 1.01× at 16k (128–2,048 rows). At H = 32 its 128 rows were 1.07×, 1.05×
+#     and 1.09× the fastest at 16k, 32k and 152k (medians of the sweep and four re-checks, each paired;
+#     256 rows: 1.00–1.03×), at 0.3–0.8× the fastest's peak. 256 rows at H = 32 would be ~5% faster but
+#     raised a whole 20-step run's peak at V = 16k by 41 MiB (576 vs 535 MiB, medians of 10; the same
+#     wall time), which the whole-run memory target (benchmarks/peers_cpu.md) cannot spare: 4 · H it
+#     stays. The wider the hidden state, the more rows a chunk needs to amortise the per-chunk [V, H]
+#     traffic, hence rows ∝ H. The 1 GiB cap binds only past the measured range (152k: H > 441) and
+#     bounds a wide student's blocks; an earlier 256 MiB cap made 152k, H = 256 take 432-row chunks,
+#     1.15–1.24× the fastest.
 #   - CUDA: 512 MiB (~880 rows at V = 152k), at least 128 rows: matmuls must amortise re-reading the
 #     [V, H] weight three times per chunk (≳ 1k rows at H ≈ 1k on an H100). Reasoned, not measured
 #     here (no GPU was lent; ``bench_chunk.py --device cuda`` measures it).
