@@ -9,7 +9,8 @@ out. Each (V, chunk) pair runs in a fresh subprocess (``bench_memory.worker``: t
 rounds so that load from other processes hits them alike. The step times come from one more process
 per V that steps every chunk size in turn (``--paired-rounds``): on the 2-core CPU the same step took
 0.113–0.174 s in different processes (chunk_cpu_h32_rechecks.md), more than the chunk sizes differ,
-while ratios within a process hold to ±5–10%. The default row of each V is what ``kdtool.chunking.default_chunk_size`` gives.
+while ratios within a process hold to ±5–10%. The default row of each V is what
+``kdtool.chunking.default_chunk_size`` gives.
 
     python benchmarks/bench_chunk.py --rounds 2 --repeats 0   # CPU: V = 16k, 32k, 152k -> benchmarks/chunk_cpu.md
     python benchmarks/bench_chunk.py --device cuda --rows 8192 --hidden 896 --teacher-hidden 1536 \\
@@ -74,7 +75,8 @@ def measure(
             {**base, "chunk_size": chunks[0], "interleave": chunks, "interleave_rounds": args.paired_rounds}
         )
         for r, c in zip(res, chunks, strict=True):
-            r["fresh_wall_s"], r["fresh_cpu_s"] = r["wall_s"], r["cpu_s"]
+            if args.repeats:  # the fresh processes timed steps too: keep their figures beside
+                r["fresh_wall_s"], r["fresh_cpu_s"] = r["wall_s"], r["cpu_s"]
             r["wall_s"] = statistics.median(paired["times"][str(c)])
             r["cpu_s"] = statistics.median(paired["cpu_times"][str(c)])
     return res
