@@ -53,6 +53,7 @@ def test_cpu_runs_reuse_freed_blocks_instead_of_faulting_fresh_pages():
         "mmap_threshold": 2**30,
         "trim_threshold": 2**30,
         "arena_max": 1,
+        "mxfast": 0,
         "tcache_count": 0,
     }
     assert tuned["again"] == tuned["applied"]  # once per process, the same answer after
@@ -60,6 +61,36 @@ def test_cpu_runs_reuse_freed_blocks_instead_of_faulting_fresh_pages():
     pages = 16 * 2**20 * 4 // 4096
     assert system["faults"] > 30 * pages  # glibc's defaults: fresh pages nearly every cycle
     assert tuned["faults"] < 3 * pages  # tuned: the freed block is reused (one cycle faults, here)
+
+
+# Small chunks freed while others stay allocated between them (so they cannot merge into the top):
+# with glibc's fastbins each waits in a fastbin, unmerged, until a large request consolidates them.
+FASTBINS = """
+import ctypes, json, sys
+from kdtool import allocator
+allocator.tune_for_training("cpu")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+chunks = [libc.malloc(40) for _ in range(2000)]
+for p in chunks[::2]:
+    libc.free(ctypes.c_void_p(p))
+print(json.dumps({"fast_chunks": libc.mallinfo2().smblks}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallinfo2 and the fastbins are glibc's")
+def test_cpu_runs_merge_freed_small_chunks_at_once():
+    def fast_chunks(**env: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", FASTBINS], capture_output=True, text=True, check=True,
+            env={**os.environ, "GLIBC_TUNABLES": allocator.TCACHE_OFF, **env}, timeout=120,
+        )  # fmt: skip
+        return json.loads(proc.stdout.strip().splitlines()[-1])["fast_chunks"]
+
+    assert fast_chunks() == 0  # as a run allocates: merged with their free neighbours when freed
+    assert fast_chunks(KDTOOL_CPU_ALLOCATOR="system") >= 1000  # glibc's defaults: all 1,000 wait
 
 
 def test_nothing_changes_off_cpu():

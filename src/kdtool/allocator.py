@@ -29,6 +29,17 @@ parameter for it), so the ``kdtool`` console script re-executes itself once with
 anything heavy is imported (``exec_args``, for the commands that load models): the benchmark run's
 peak RSS 632 → 505 MiB, wall 0.99× (medians of 5 alternated pairs). Embedding programs can set the
 variable themselves; ``KDTOOL_CPU_ALLOCATOR=system`` turns this off too.
+
+**The fastbins (``mxfast`` 0).** Without the tcache, the same run's peak was still bimodal across
+processes of one command: ≈ 505 or ≈ 565-620 MiB, in about a third of them the high one. A log of every
+``posix_memalign`` of 256 KiB or more and its ``free`` showed the same sequence of sizes in a low and a
+high process; in the high one the held-out evaluation's 8 MiB ``[128, V]`` blocks moved up the heap slice
+after slice, 8 MiB + 64 bytes at a time (a small chunk left in front of each freed block), while in the
+low one they cycled among six addresses. Freed chunks of up to 128 bytes wait in glibc's fastbins,
+unmerged, until a large request consolidates them; which process ends up creeping was not pinned down.
+With the fastbins off (``mallopt(M_MXFAST, 0)``) a freed small chunk merges with its neighbours at once:
+14 runs of the benchmark's command peaked at 505-522 MiB (12 runs before: 496-580, four of them high),
+wall time unchanged (6 alternated pairs), and at a 256-wide student 909-916 against 928-965 MiB.
 """
 
 from __future__ import annotations
@@ -41,10 +52,10 @@ from collections.abc import Mapping
 
 ENV = "KDTOOL_CPU_ALLOCATOR"
 # mallopt(3) parameter numbers (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+M_MXFAST, M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = 1, -1, -3, -8
 THRESHOLD_BYTES = 2**30
 SETTINGS = {"mmap_threshold": (M_MMAP_THRESHOLD, THRESHOLD_BYTES), "trim_threshold": (M_TRIM_THRESHOLD, THRESHOLD_BYTES),
-            "arena_max": (M_ARENA_MAX, 1)}  # fmt: skip
+            "arena_max": (M_ARENA_MAX, 1), "mxfast": (M_MXFAST, 0)}  # fmt: skip
 
 _applied: dict[str, int] | None = None
 
