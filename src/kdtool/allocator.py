@@ -39,7 +39,7 @@ low one they cycled among six addresses. Freed chunks of up to 128 bytes wait in
 unmerged, until a large request consolidates them; which process ends up creeping was not pinned down.
 With the fastbins off (``mallopt(M_MXFAST, 0)``) a freed small chunk merges with its neighbours at once:
 14 runs of the benchmark's command peaked at 505-522 MiB (12 runs before: 496-580, four of them high),
-wall time unchanged (6 alternated pairs), and at a 256-wide student 909-916 against 928-965 MiB.
+wall time unchanged (6 alternated pairs), and at a 256-wide student 888-895 against 906-942 MiB.
 """
 
 from __future__ import annotations
