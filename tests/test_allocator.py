@@ -64,7 +64,8 @@ def test_cpu_runs_reuse_freed_blocks_instead_of_faulting_fresh_pages():
 
 
 # Small chunks freed while others stay allocated between them (so they cannot merge into the top):
-# with glibc's fastbins each waits in a fastbin, unmerged, until a large request consolidates them.
+# with glibc's fastbins each waits in a fastbin, unmerged, until a large request consolidates them (or
+# the free of a larger block that merges into 64 KiB or more: so nothing else is freed in between).
 FASTBINS = """
 import ctypes, json, sys
 from kdtool import allocator
@@ -73,10 +74,12 @@ class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
-chunks = [libc.malloc(40) for _ in range(2000)]
-for p in chunks[::2]:
-    libc.free(ctypes.c_void_p(p))
-print(json.dumps({"fast_chunks": libc.mallinfo2().smblks}))
+chunks = [ctypes.c_void_p(libc.malloc(40)) for _ in range(2000)]
+every_other = chunks[::2]
+for p in every_other:
+    libc.free(p)
+info = libc.mallinfo2()
+print(json.dumps({"fast_chunks": info.smblks}))
 """
 
 
