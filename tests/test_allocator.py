@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from kdtool import allocator
 
 GLIBC = allocator.is_glibc()
+MALLINFO2 = GLIBC and hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
 
 # Page faults of 40 allocate-touch-free cycles of a 64 MiB tensor (above glibc's largest dynamic mmap
 # threshold, so by default each one is a fresh mmap whose 16,384 pages fault in), after `tune`.
@@ -83,7 +85,7 @@ print(json.dumps({"fast_chunks": info.smblks}))
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallinfo2 and the fastbins are glibc's")
+@pytest.mark.skipif(not MALLINFO2, reason="needs glibc's mallinfo2 (glibc >= 2.33)")
 def test_cpu_runs_merge_freed_small_chunks_at_once():
     def fast_chunks(**env: str) -> int:
         proc = subprocess.run(
