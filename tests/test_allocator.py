@@ -33,16 +33,21 @@ print(json.dumps({"applied": applied, "again": again, "faults": faults}))
 """
 
 
-def probe(device: str, **env: str) -> dict:
+def last_line(script: str, *args: str, **env: str) -> str:
+    """The last line ``script`` prints, run in a fresh interpreter with ``env`` added to ours."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, device],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, **env},
         timeout=120,
     )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def probe(device: str, **env: str) -> dict:
+    return json.loads(last_line(PROBE, device, **env))
 
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's mallopt parameters")
@@ -88,11 +93,8 @@ print(json.dumps({"fast_chunks": info.smblks}))
 @pytest.mark.skipif(not MALLINFO2, reason="needs glibc's mallinfo2 (glibc >= 2.33)")
 def test_cpu_runs_merge_freed_small_chunks_at_once():
     def fast_chunks(**env: str) -> int:
-        proc = subprocess.run(
-            [sys.executable, "-c", FASTBINS], capture_output=True, text=True, check=True,
-            env={**os.environ, "GLIBC_TUNABLES": allocator.TCACHE_OFF, **env}, timeout=120,
-        )  # fmt: skip
-        return json.loads(proc.stdout.strip().splitlines()[-1])["fast_chunks"]
+        out = last_line(FASTBINS, GLIBC_TUNABLES=allocator.TCACHE_OFF, **env)
+        return json.loads(out)["fast_chunks"]
 
     assert fast_chunks() == 0  # as a run allocates: merged with their free neighbours when freed
     assert fast_chunks(KDTOOL_CPU_ALLOCATOR="system") >= 1000  # glibc's defaults: all 1,000 wait
@@ -135,11 +137,7 @@ SHIFTS = (16, 32, 48, 64, 80, 16, 32, 48)
 
 def heap_growth(shift: int, **env: str) -> float:
     """MiB the RSS high-water mark rose by in ``SLICES`` (about 50 MiB are alive at once)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", SLICES, str(shift)], capture_output=True, text=True, check=True,
-        env={**os.environ, **env}, timeout=120,
-    )  # fmt: skip
-    return float(proc.stdout.strip().splitlines()[-1])
+    return float(last_line(SLICES, str(shift), **env))
 
 
 @pytest.mark.skipif(not GLIBC, reason="GLIBC_TUNABLES is glibc's")
