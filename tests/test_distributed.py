@@ -326,6 +326,50 @@ def test_process_group_timeout_and_device_index(monkeypatch):
     assert distributed.local_device_index(3, 8) == 3
 
 
+def fake_process_group(monkeypatch, calls: list[str]):
+    """``torch.distributed`` as far as ``setup``/``teardown`` use it, recording barrier/destroy."""
+    from kdtool import distributed
+
+    joined = {"on": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: joined["on"])
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.update(on=True))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda *a, **kw: calls.append("barrier"))
+
+    def destroy(*a, **kw):
+        calls.append("destroy")
+        joined["on"] = False
+
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
+
+
+def test_ranks_meet_before_leaving_the_process_group_only_when_all_finished(monkeypatch, tmp_path):
+    from kdtool import distributed
+
+    calls: list[str] = []
+    fake_process_group(monkeypatch, calls)
+    info, _ = distributed.setup("cpu")
+    distributed.teardown(info, finished=True)
+    assert calls == ["barrier", "destroy"]
+    distributed.teardown(info, finished=True)  # already left: nothing
+    assert calls == ["barrier", "destroy"]
+
+    # a run that fails leaves at once: a barrier would wait for ranks stuck in another collective
+    calls.clear()
+    cfg = resolve(None, dict(objective="sft", student="s", data="d", output=str(tmp_path / "o")))
+    monkeypatch.setattr(trainer, "_train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank 0 failed")))
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        trainer.train(cfg)
+    assert calls == ["destroy"]
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "_train", lambda *a: tmp_path / "o")
+    assert trainer.train(cfg) == tmp_path / "o"
+    assert calls == ["barrier", "destroy"]
+
+
 def test_output_layer_of_a_spread_model_returns_logits_to_the_rows_device(tiny_dir):
     from kdtool.heads import DeviceAlignedHead, output_head
     from kdtool.models import load_model

@@ -74,9 +74,17 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group. ``finished``: every rank got here without an error, so they meet
+    at a barrier first; no rank then shuts its connections while a peer's last collective is still
+    in flight. After an error there is no barrier: the failed rank leaves at once and the launcher
+    stops the others, instead of that rank waiting for peers stuck in another collective.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

@@ -171,9 +171,12 @@ def train(
         )
     info, device = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
-        return _train(cfg, resume, overwrite, console, info, device)
-    finally:
+        run_dir = _train(cfg, resume, overwrite, console, info, device)
+    except BaseException:
         distributed.teardown(info)
+        raise
+    distributed.teardown(info, finished=True)
+    return run_dir
 
 
 def decide_resume(
