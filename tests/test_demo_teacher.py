@@ -72,7 +72,13 @@ def test_the_recipe_reproduces_the_shipped_training_run(demo_data, tmp_path):
     """`kdtool distill` with the recipe's flags retraces the shipped log (the first 300 of 4,000 steps).
 
     The run is really interrupted (SIGINT, as Ctrl-C) once its step-300 record is written, so the
-    schedule is the full run's; every logged loss and gradient norm so far must match.
+    schedule is the full run's. The learning rate and the token count of every window (the same
+    batches in the same order) must match exactly, and the losses, gradient norms and held-out CE of
+    the first 100 steps to 1e-5. Later windows match to 1e-5 with the torch and CPU kernels the
+    shipped run recorded in its start line; with other kernels (AVX2 here against the machine that
+    trained the shipped teacher, whose log predates that record) rounding differs from the first
+    step and training amplifies it: measured 1e-6 at step 100, 0.5% (loss) and 3.5% (gradient
+    norm) at step 200, 1.5% at step 300, 13% at step 500. There the bound is 10%.
     """
     out = tmp_path / "teacher"
     recipe = json.loads((demo.shipped_teacher() / "recipe.json").read_text())
@@ -97,15 +103,29 @@ def test_the_recipe_reproduces_the_shipped_training_run(demo_data, tmp_path):
     finally:
         proc.kill()
     assert "interrupted" in output, output[-2000:]
-    got = [r for r in map(json.loads, metrics.read_text().splitlines()) if "step" in r]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    shipped_start = json.loads((demo.shipped_teacher() / "metrics.jsonl").read_text().splitlines()[0])
+    kernels = ("torch", "cpu_capability")
+    same_kernels = all(shipped_start.get(k) == lines[0][k] for k in kernels)
+    got = [r for r in lines if "step" in r]
     want = {(r["step"], "eval_ce" in r): r for r in shipped_log()}
-    compared = 0
+    compared = []
     for record in got:
         if record["step"] > 300:
             continue
         ref = want[(record["step"], "eval_ce" in record)]
-        for key in ("loss", "grad_norm", "eval_ce", "lr"):
+        assert record.get("tokens") == ref.get("tokens"), record["step"]
+        if "lr" in ref:
+            assert record["lr"] == pytest.approx(ref["lr"], rel=1e-12), record["step"]
+        rel = 1e-5 if same_kernels or record["step"] <= 100 else 0.1
+        for key in ("loss", "grad_norm", "eval_ce"):
             if key in ref:
-                assert record[key] == pytest.approx(ref[key], rel=1e-5), (record["step"], key)
-                compared += 1
-    assert compared >= 10
+                assert record[key] == pytest.approx(ref[key], rel=rel), (record["step"], key, same_kernels)
+                compared.append((record["step"], key))
+    assert [k for k in compared if k[0] in (0, 100, 300)] == [
+        (0, "eval_ce"),
+        (100, "loss"),
+        (100, "grad_norm"),
+        (300, "loss"),
+        (300, "grad_norm"),
+    ]

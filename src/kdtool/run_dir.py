@@ -181,6 +181,9 @@ def start_record(cfg: DistillConfig, train_ds: Any, eval_ds: Any, report: Any, s
         "strategy": ("fsdp" if sharded else "ddp") if info.enabled else "single",
         "teacher_sharded": teacher_sharded,
         "trainable_parameters": lora.trainable_parameters(student)[0],
+        # float results are reproducible bit for bit only with the same torch and the same CPU kernels
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
