@@ -3,6 +3,7 @@ loader (meta device, rank 0 reads the weights) gives the outputs of the same tea
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import sys
 
@@ -50,6 +51,7 @@ if __name__ == "__main__":
     # down after Python has started to finalize (gloo's threads can no longer take the GIL then).
     # One CI run of the previous version aborted late, after both ranks' cached forward: "terminate
     # called without an active exception"; ~100 local runs did not repeat it.
+    faulthandler.enable()  # should it abort again: every thread's Python stack on stderr, in the test's message
     try:
         main(sys.argv[1])
     finally:
