@@ -306,17 +306,38 @@ def test_teacher_device_map_is_refused_under_torchrun(tiny_dir, tmp_path, monkey
     assert not (tmp_path / "out").exists()
 
 
+def fake_process_group(monkeypatch, calls: list[str], rank: int = 0) -> dict:
+    """Rank ``rank`` of 2 and ``torch.distributed`` as far as ``setup``/``teardown`` use it:
+    barrier/destroy are recorded in ``calls``; returns the keywords ``init_process_group`` got."""
+    from kdtool import distributed
+
+    seen: dict = {}
+    joined = {"on": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: joined["on"])
+
+    def init(**kw):
+        seen.update(kw)
+        joined["on"] = True
+
+    def destroy(*a, **kw):
+        calls.append("destroy")
+        joined["on"] = False
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", init)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda *a, **kw: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
+    return seen
+
+
 def test_process_group_timeout_and_device_index(monkeypatch):
     from datetime import timedelta
 
     from kdtool import distributed
 
-    seen = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    seen = fake_process_group(monkeypatch, [], rank=1)
     info, device = distributed.setup("cpu", timeout_minutes=90)
     assert (info.rank, info.world, device.type) == (1, 2, "cpu")
     assert seen["backend"] == "gloo" and seen["timeout"] == timedelta(minutes=90)
@@ -324,25 +345,6 @@ def test_process_group_timeout_and_device_index(monkeypatch):
     # one GPU visible per rank (CUDA_VISIBLE_DEVICES set by the launcher): LOCAL_RANK 3 is device 0
     assert distributed.local_device_index(3, 1) == 0
     assert distributed.local_device_index(3, 8) == 3
-
-
-def fake_process_group(monkeypatch, calls: list[str]):
-    """``torch.distributed`` as far as ``setup``/``teardown`` use it, recording barrier/destroy."""
-    from kdtool import distributed
-
-    joined = {"on": False}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: joined["on"])
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.update(on=True))
-    monkeypatch.setattr(distributed.dist, "barrier", lambda *a, **kw: calls.append("barrier"))
-
-    def destroy(*a, **kw):
-        calls.append("destroy")
-        joined["on"] = False
-
-    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
 
 
 def test_ranks_meet_before_leaving_the_process_group_only_when_all_finished(monkeypatch, tmp_path):
